@@ -1,0 +1,35 @@
+"""gradwatch: watch the gradients of any PyTorch model while it trains.
+
+Per-layer statistics on the device, calibrated alerts (vanishing, exploding, spike, non-finite,
+dead, saturated) with remedies that fit the model, clipping and skipping of poisoned steps, and
+sinks for the console, JSONL, Weights & Biases, TensorBoard and Lightning loggers.
+"""
+
+from gradwatch import clip, sinks
+from gradwatch.alerts import Alert
+from gradwatch.detectors import Dead, Detector, Exploding, Finding, NonFinite, Saturated, Spike, Vanishing
+from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
+from gradwatch.monitor import GradWatch, StepReport, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Alert",
+    "Dead",
+    "Detector",
+    "Exploding",
+    "Finding",
+    "GradWatch",
+    "GradWatchAlertError",
+    "GradWatchWarning",
+    "NonFinite",
+    "NonFiniteGradientError",
+    "Saturated",
+    "Spike",
+    "StepReport",
+    "Vanishing",
+    "__version__",
+    "clip",
+    "sinks",
+    "watch",
+]

@@ -1,0 +1,134 @@
+"""Which modules (or parameters) are layers, and their forward order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+GRANULARITIES = ("module", "parameter")
+ROOT_NAME = "(root)"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A unit that statistics are reported for.
+
+    Attributes:
+        name: qualified module name (``granularity="module"``) or parameter name.
+        module_name: qualified name of the module that owns the parameters.
+        params: the trainable parameters of the layer, in registration order.
+        is_weight_layer: whether it owns a parameter of 2 or more dimensions (Linear, Conv,
+            recurrent weights), i.e. takes part in the depth profile. Embeddings are excluded:
+            their gradients are sparse lookups, not a signal passed along depth.
+    """
+
+    name: str
+    module_name: str
+    params: tuple[nn.Parameter, ...]
+    is_weight_layer: bool
+
+
+def _owned_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def discover_layers(model: nn.Module, granularity: str) -> list[Layer]:
+    """List the layers of ``model`` in registration order.
+
+    With ``"module"`` a layer is each module that directly owns trainable parameters; with
+    ``"parameter"`` each trainable parameter tensor. A parameter shared by several modules
+    (tied weights) belongs to the first module that registers it.
+    """
+    seen: set[int] = set()
+    layers: list[Layer] = []
+    for mod_name, module in model.named_modules():
+        owned = [(n, p) for n, p in _owned_trainable(module) if id(p) not in seen]
+        if not owned:
+            continue
+        seen.update(id(p) for _, p in owned)
+        weight_like = not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        label = mod_name or ROOT_NAME
+        if granularity == "module":
+            layers.append(
+                Layer(
+                    name=label,
+                    module_name=mod_name,
+                    params=tuple(p for _, p in owned),
+                    is_weight_layer=weight_like and any(p.dim() >= 2 for _, p in owned),
+                )
+            )
+        else:
+            for pname, p in owned:
+                layers.append(
+                    Layer(
+                        name=f"{mod_name}.{pname}" if mod_name else pname,
+                        module_name=mod_name,
+                        params=(p,),
+                        is_weight_layer=weight_like and p.dim() >= 2,
+                    )
+                )
+    return layers
+
+
+class ForwardOrderRecorder:
+    """Records the order in which modules first run, with forward pre-hooks.
+
+    The hooks are removed by :meth:`finish` (gradwatch calls it at its first step), so they cost
+    nothing afterwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._order: dict[str, int] = {}
+        self._handles: list[RemovableHandle] = []
+        for name, module in model.named_modules():
+            owns = any(True for _ in module.parameters(recurse=False))
+            if owns or not any(True for _ in module.children()):
+                self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: object) -> None:
+            if name not in self._order:
+                self._order[name] = len(self._order)
+
+        return hook
+
+    @property
+    def order(self) -> dict[str, int]:
+        """Module name -> index of its first call (modules that ran so far)."""
+        return dict(self._order)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still installed."""
+        return bool(self._handles)
+
+    def finish(self, layers: list[Layer]) -> list[Layer]:
+        """Remove the hooks and return ``layers`` sorted by forward order.
+
+        Layers whose module never ran keep their registration order, after those that ran.
+        """
+        self.remove()
+        n = len(layers)
+        indexed = list(enumerate(layers))
+        indexed.sort(key=lambda il: (self._order.get(il[1].module_name, n + il[0]), il[0]))
+        return [layer for _, layer in indexed]
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def module_of(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule called ``name`` ("" is the model itself)."""
+    return model.get_submodule(name) if name else model
+
+
+def numel(layer: Layer) -> int:
+    """Total number of elements in the layer's parameters."""
+    return sum(p.numel() for p in layer.params)
+
+

@@ -1,0 +1,572 @@
+"""GradWatch: owns the hooks and runs one step's trip: collect -> detect -> act -> emit."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch._checks import check_choice, check_int
+from gradwatch.activations import ActivationTracker
+from gradwatch.alerts import Alert, AlertLog
+from gradwatch.clip import Clipper, ClipResult, total_norm
+from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
+from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
+from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel
+from gradwatch.remedies import inspect_model, remedies_for
+from gradwatch.sinks.base import Sink, SinkSet, is_rank_zero
+from gradwatch.sinks.console import Console
+from gradwatch.stats import Gathered, GradStats, StatsCollector
+
+log = logging.getLogger("gradwatch")
+
+ON_NONFINITE = ("skip", "warn", "raise", "ignore")
+ON_ALERT = ("warn", "raise", "ignore")
+
+
+@dataclass
+class StepReport:
+    """What one :meth:`GradWatch.step` did.
+
+    Attributes:
+        step: the optimizer step (from 0).
+        skipped: whether the step was skipped (non-finite gradients set to ``None``).
+        alerts: alerts emitted during this step (new or reminders).
+        metrics: host values, present on logging steps (``None`` otherwise).
+    """
+
+    step: int
+    skipped: bool = False
+    alerts: list[Alert] = field(default_factory=list)
+    metrics: dict[str, float] | None = None
+
+
+def _version() -> str:
+    from gradwatch import __version__
+
+    return __version__
+
+
+class GradWatch:
+    """Watch the gradients of ``model``: statistics, alerts with remedies, clipping, sinks.
+
+    Call :meth:`step` after ``backward()`` (and after ``scaler.unscale_``), right before
+    ``optimizer.step()`` -- with gradient accumulation, once per optimizer step, never per
+    micro-batch. Or call :meth:`attach` to run it from the optimizer's step pre-hook.
+
+    Args:
+        model: the module to watch.
+        detectors: ``"default"``, ``None`` (no detection) or a list of :class:`Detector`.
+        clip: a clipping strategy from :mod:`gradwatch.clip`, or ``None``.
+        on_nonfinite: ``"skip"`` (drop the step's gradients so weights and optimizer state stay
+            bit-identical), ``"warn"``, ``"raise"`` (:class:`NonFiniteGradientError`) or ``"ignore"``.
+        on_alert: ``"warn"`` (a :class:`GradWatchWarning` and a ``logging`` record), ``"raise"``
+            (:class:`GradWatchAlertError`), ``"ignore"`` (still recorded and sent to sinks), or a
+            callable taking the :class:`Alert`.
+        sinks: where metrics and alerts go; ``None`` means ``[gw.sinks.Console()]``.
+        log_every: logging period in steps (step 0 is a logging step).
+        granularity: ``"module"`` (each module owning parameters) or ``"parameter"``.
+        track_activations: hook ReLU/sigmoid/tanh modules to detect dead and saturated units.
+        scaler: a ``torch.amp.GradScaler``; lets :meth:`step` unscale statistics of gradients
+            that were not unscaled yet.
+        history_size: logging steps kept in :attr:`history`.
+        max_alerts: alerts kept in :attr:`alerts`.
+        remind_every: steps before a persisting condition is reported again.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or an unknown keyword is given.
+        ValueError: an option has a value outside its allowed set.
+
+    Example::
+
+        monitor = gw.GradWatch(model, sinks=[gw.sinks.JSONL("runs/grads.jsonl")])
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            loss.backward()
+            report = monitor.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        monitor.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        detectors: str | Sequence[Detector] | None = "default",
+        clip: Clipper | None = None,
+        on_nonfinite: str = "skip",
+        on_alert: str | Callable[[Alert], Any] = "warn",
+        sinks: Sequence[Sink] | None = None,
+        log_every: int = 10,
+        granularity: str = "module",
+        track_activations: bool = False,
+        scaler: Any = None,
+        history_size: int = 1000,
+        max_alerts: int = 1000,
+        remind_every: int = 500,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
+        check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        if not callable(on_alert):
+            check_choice("on_alert", on_alert, ON_ALERT)
+        check_choice("granularity", granularity, GRANULARITIES)
+        self.log_every = check_int("log_every", log_every, 1)
+        check_int("history_size", history_size, 1)
+        check_int("max_alerts", max_alerts, 1)
+        check_int("remind_every", remind_every, 1)
+        if not isinstance(track_activations, bool):
+            raise ValueError(f"`track_activations` must be True or False; got {track_activations!r}")
+        if clip is not None and not isinstance(clip, Clipper):
+            raise ValueError(
+                f"`clip` must be None or a clipping strategy such as gw.clip.Norm(1.0); got {clip!r}"
+            )
+        if detectors == "default":
+            self.detectors: list[Detector] = default_detectors()
+        elif detectors is None:
+            self.detectors = []
+        elif isinstance(detectors, str) or not all(isinstance(d, Detector) for d in detectors):
+            raise ValueError(f"`detectors` must be 'default', None or a list of Detector objects; got {detectors!r}")
+        else:
+            self.detectors = list(detectors)
+        if sinks is not None and (isinstance(sinks, (str, bytes)) or not all(isinstance(s, Sink) for s in sinks)):
+            raise ValueError(
+                "`sinks` must be None or a list of sinks (objects with log_metrics, log_alert and close), "
+                f"e.g. [gw.sinks.JSONL('grads.jsonl')]; got {sinks!r}"
+            )
+
+        self.model = model
+        self.clip = clip
+        self.on_nonfinite = on_nonfinite
+        self.on_alert = on_alert
+        self.granularity = granularity
+        self.track_activations = track_activations
+        self.scaler = scaler
+        self.sinks = SinkSet([Console()] if sinks is None else sinks)
+        self.history: deque[dict[str, float]] = deque(maxlen=history_size)
+        self._alert_log = AlertLog(remind_every=remind_every, maxlen=max_alerts)
+        self._facts = inspect_model(model)
+        self._layers: list[Layer] = discover_layers(model, granularity)
+        if not self._layers:
+            warnings.warn(
+                f"gradwatch: {type(model).__name__} has no trainable parameters; the monitor will record nothing.",
+                GradWatchWarning,
+                stacklevel=2,
+            )
+        self._order = ForwardOrderRecorder(model)
+        self._tracker: ActivationTracker | None = None
+        if track_activations:
+            first = next(iter(model.parameters()), None)
+            self._tracker = ActivationTracker(model, first.device if first is not None else torch.device("cpu"))
+        self._handles: list[RemovableHandle] = []
+        self._collector: StatsCollector | None = None
+        self._step = 0
+        self._skipped = 0
+        self._closed = False
+        self._pending_state: dict[str, Any] | None = None
+        self._read_at = -1  # last step whose detector state was read back
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layers(self) -> list[str]:
+        """Layer names, in forward order once the first step has run."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Alerts emitted so far (the most recent ``max_alerts``)."""
+        return list(self._alert_log.alerts)
+
+    @property
+    def step_count(self) -> int:
+        """Number of steps taken (the index of the next step)."""
+        return self._step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped for non-finite gradients."""
+        return self._skipped
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Run :meth:`step` from ``optimizer``'s step pre-hook.
+
+        Under ``GradScaler.step(optimizer)`` the pre-hook runs after the scaler has unscaled the
+        gradients, so statistics see the true values.
+
+        Returns:
+            A handle whose ``remove()`` detaches the monitor (also done by :meth:`close`).
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        self._check_open()
+        ref = weakref.ref(self)
+
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            monitor = ref()
+            if monitor is not None and not monitor._closed:
+                monitor.step()
+
+        handle = optimizer.register_step_pre_hook(hook)
+        self._handles.append(handle)
+        return handle
+
+    def attach_all(self) -> RemovableHandle:
+        """Run :meth:`step` before every optimizer step that updates this model's parameters.
+
+        Uses ``torch.optim.optimizer.register_optimizer_step_pre_hook`` (a global hook) and
+        filters optimizers by whether they hold any of the model's parameters.
+        """
+        self._check_open()
+        ref = weakref.ref(self)
+        ids = {id(p) for p in self.model.parameters()}
+        known: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
+
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            monitor = ref()
+            if monitor is None or monitor._closed:
+                return
+            ours = known.get(opt)
+            if ours is None:
+                ours = any(id(p) in ids for g in opt.param_groups for p in g["params"])
+                known[opt] = ours
+            if ours:
+                monitor.step()
+
+        handle = torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
+        self._handles.append(handle)
+        return handle
+
+    def step(self) -> StepReport:
+        """Compute statistics, run detectors, apply clip/skip and emit to sinks.
+
+        Call it after ``backward()`` (and ``scaler.unscale_(optimizer)`` under AMP), right before
+        ``optimizer.step()``: once per optimizer step, never per accumulated micro-batch.
+
+        Returns:
+            The :class:`StepReport` of this step.
+
+        Raises:
+            NonFiniteGradientError: with ``on_nonfinite="raise"`` and NaN/Inf gradients.
+            GradWatchAlertError: with ``on_alert="raise"`` when an alert is emitted.
+        """
+        self._check_open()
+        if self._collector is None:
+            self._bind()
+        assert self._collector is not None
+        step = self._step
+        report = StepReport(step=step)
+        logging_step = step % self.log_every == 0
+        gathered = self._collector.gather()
+        if gathered.empty:
+            self._step += 1
+            return report
+        inv_scale = self._inv_scale()
+        stats = self._collector.compute(gathered, step, full=logging_step, inv_scale=inv_scale)
+        acts = self._tracker.take() if self._tracker is not None else None
+        for d in self.detectors:
+            d.update(stats, self._step_t, acts)
+
+        counts: Tensor | None = None
+        if self.on_nonfinite in ("skip", "raise"):
+            flag = self._agree(stats.any_nonfinite)
+            if bool(flag):  # the one host sync that skipping needs
+                counts = self._collector.nonfinite_counts(gathered)
+                if not stats.full:
+                    stats = self._collector.compute(gathered, step, full=True, inv_scale=inv_scale)
+                logging_step = True
+                if self.on_nonfinite == "raise":
+                    bad = [self._layers[i].name for i in reversed(range(len(self._layers)))
+                           if bool(stats.nonfinite[i])]
+                    self._finish_step()
+                    raise NonFiniteGradientError(step, bad)
+                report.skipped = True
+                self._skipped += 1
+                for layer in self._layers:
+                    for p in layer.params:
+                        p.grad = None
+
+        clip_result: ClipResult | None = None
+        if self.clip is not None and not report.skipped:
+            clip_result = self.clip.clip_(gathered, stats)
+
+        if logging_step:
+            report.metrics, findings = self._read(stats, gathered, clip_result, counts, report.skipped, inv_scale)
+            report.alerts = self._emit(findings)
+        self._finish_step()
+        self._raise_if_asked(report.alerts)
+        return report
+
+    def flush(self) -> list[Alert]:
+        """Read and emit what the detectors found since the last logging step (a host sync)."""
+        if self._collector is None or self._closed or self._read_at >= self._step - 1:
+            return []
+        values = self._transfer([t for d in self.detectors for t in d.pending()])
+        return self._emit(self._collect(values))
+
+    def close(self) -> None:
+        """Remove every hook, emit pending alerts, flush and close the sinks (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._order.remove()
+            if self._tracker is not None:
+                self._tracker.remove()
+            self.sinks.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, detector, clipper and alert state, as plain containers and tensors."""
+        return {
+            "step": self._step,
+            "skipped_steps": self._skipped,
+            "layers": self.layers,
+            "detectors": [d.state_dict() for d in self.detectors] if self._collector is not None else None,
+            "clip": self.clip.state_dict() if self.clip is not None else None,
+            "alerts": self._alert_log.state_dict(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, so a resumed run neither re-warms nor re-alerts."""
+        self._step = int(state["step"])
+        self._skipped = int(state.get("skipped_steps", 0))
+        self._alert_log.load_state_dict(state.get("alerts", {}))
+        self.history.clear()
+        self.history.extend(state.get("history", []))
+        if self.clip is not None and state.get("clip") is not None:
+            self.clip.load_state_dict(state["clip"])
+        if self._collector is not None:
+            self._load_detectors(state)
+        else:
+            self._pending_state = state
+
+    def __enter__(self) -> GradWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradWatch({type(self.model).__name__}, layers={len(self._layers)}, log_every={self.log_every}, "
+            f"clip={self.clip!r}, on_nonfinite={self.on_nonfinite!r})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this GradWatch monitor is closed; create a new one to keep monitoring")
+
+    def _bind(self) -> None:
+        if self._order.active:
+            self._layers = self._order.finish(self._layers)
+        self._collector = StatsCollector(self._layers)
+        dev = self._collector.device
+        self._step_t = torch.tensor(float(self._step), device=dev)
+        act_names = self._tracker.names if self._tracker else []
+        ctx = DetectorContext(
+            layers=self._layers,
+            device=dev,
+            numel=torch.tensor([float(numel(x)) for x in self._layers], device=dev),
+            weight_layers=[i for i, x in enumerate(self._layers) if x.is_weight_layer],
+            activation_names=act_names,
+            activation_kinds=self._tracker.kinds if self._tracker else [],
+            excluded_activations=self._output_activations(act_names),
+        )
+        for d in self.detectors:
+            d.bind(ctx)
+        if self._pending_state is not None:
+            self._load_detectors(self._pending_state)
+            self._pending_state = None
+        if is_rank_zero():
+            self.sinks.meta(
+                {
+                    "version": _version(),
+                    "layers": self.layers,
+                    "granularity": self.granularity,
+                    "log_every": self.log_every,
+                    "clip": repr(self.clip) if self.clip is not None else None,
+                    "model": type(self.model).__name__,
+                }
+            )
+
+    def _output_activations(self, act_names: list[str]) -> list[bool]:
+        # Activations that run after the last weight layer (an output sigmoid) are left out of
+        # the saturation check: confident predictions are what they are for.
+        order = self._order.order
+        weight = [order[x.module_name] for x in self._layers if x.is_weight_layer and x.module_name in order]
+        last = max(weight) if weight else None
+        return [last is not None and order.get(n, -1) > last for n in act_names]
+
+    def _load_detectors(self, state: dict[str, Any]) -> None:
+        saved = state.get("detectors")
+        if saved is None:
+            return
+        for d, s in zip(self.detectors, saved):
+            d.load_state_dict(s)
+        self._step_t = torch.tensor(float(self._step), device=self._step_t.device)
+
+    def _inv_scale(self) -> Tensor | None:
+        return None
+
+    def _agree(self, flag: Tensor) -> Tensor:
+        """All ranks take the same skip decision: one tiny all-reduce when distributed."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            f = flag.to(torch.float32).reshape(1)
+            if dist.get_backend() == "nccl" and f.device.type != "cuda":
+                f = f.cuda()
+            dist.all_reduce(f, op=dist.ReduceOp.MAX)
+            return f[0] > 0
+        return flag
+
+    def _finish_step(self) -> None:
+        self._step += 1
+        self._step_t.add_(1.0)
+
+    def _transfer(self, tensors: list[Tensor]) -> list[list[float]]:
+        """One device-to-host transfer of many 1-D tensors; returns them as lists."""
+        if not tensors:
+            return []
+        dev = self._step_t.device
+        flat = [t.detach().reshape(-1).to(dev, torch.float32) for t in tensors]
+        host = torch.cat(flat).cpu().tolist()
+        out, i = [], 0
+        for t in flat:
+            out.append(host[i : i + t.numel()])
+            i += t.numel()
+        return out
+
+    def _collect(self, values: list[list[float]]) -> list[Finding]:
+        findings: list[Finding] = []
+        i = 0
+        for d in self.detectors:
+            k = len(d.pending())
+            findings.extend(d.collect(values[i : i + k], self._step))
+            i += k
+        self._read_at = self._step
+        return findings
+
+    def _read(
+        self,
+        stats: GradStats,
+        gathered: Gathered,
+        clip: ClipResult | None,
+        counts: Tensor | None,
+        skipped: bool,
+        inv_scale: Tensor | None,
+    ) -> tuple[dict[str, float], list[Finding]]:
+        assert stats.grad_max is not None and stats.param_norm is not None
+        tensors = [stats.grad_norm, stats.grad_max, stats.param_norm, stats.total_norm.reshape(1)]
+        if counts is not None:
+            tensors.append(counts)
+        if clip is not None:
+            post = total_norm(gathered, 2.0, stats.total_norm.device)
+            if inv_scale is not None:
+                post = post * inv_scale.to(post.device)
+            tensors += [clip.threshold.reshape(1), clip.coef.reshape(1), post.reshape(1)]
+        n_fixed = len(tensors)
+        pending = [t for d in self.detectors for t in d.pending()]
+        values = self._transfer(tensors + pending)
+        gn, gmax, pn, total = values[0], values[1], values[2], values[3][0]
+        rest = values[4:n_fixed]
+        m: dict[str, float] = {"grad_norm/total": total}
+        names = self.layers
+        present = stats.present_host
+        for i, name in enumerate(names):
+            if present[i]:
+                m[f"grad_norm/{name}"] = gn[i]
+        for i, name in enumerate(names):
+            if present[i]:
+                m[f"grad_max/{name}"] = gmax[i]
+                m[f"param_norm/{name}"] = pn[i]
+                m[f"grad_to_param/{name}"] = gn[i] / pn[i] if pn[i] > 0 else float("inf") if gn[i] > 0 else 0.0
+        if counts is not None:
+            c = rest.pop(0)
+            m["nonfinite/total"] = float(sum(c))
+            for i, name in enumerate(names):
+                if c[i] > 0:
+                    m[f"nonfinite/{name}"] = c[i]
+        else:
+            m["nonfinite/total"] = 0.0 if all(v == v and abs(v) != float("inf") for v in gn) else float("nan")
+        m["skipped_steps"] = float(self._skipped)
+        if clip is not None:
+            m["clip/threshold"], m["clip/coef"], m["grad_norm_clipped/total"] = (r[0] for r in rest)
+        findings = self._collect(values[n_fixed:])
+        if is_rank_zero():
+            self.sinks.metrics(m, stats.step)
+        self.history.append({"step": float(stats.step), **m})
+        return m, findings
+
+    def _typical_norm(self) -> float | None:
+        vals = [h["grad_norm/total"] for h in self.history if 0 < h.get("grad_norm/total", 0) < float("inf")]
+        return statistics.median(vals) if vals else None
+
+    def _emit(self, findings: list[Finding]) -> list[Alert]:
+        emitted: list[Alert] = []
+        typical = self._typical_norm()
+        for f in sorted(findings, key=lambda f: f.step):
+            alert = Alert(
+                kind=f.kind,
+                step=f.step,
+                layer=f.layer,
+                value=float(f.value),
+                threshold=float(f.threshold),
+                severity=f.severity,  # type: ignore[arg-type]
+                message=f.message,
+                remedies=remedies_for(f.kind, self._facts, typical_norm=typical),
+            )
+            if f.kind == "nonfinite" and self.on_nonfinite == "skip":
+                alert = replace(alert, message=alert.message + " The step was skipped: no weight or optimizer state changed.")
+            admitted = self._alert_log.admit(alert, f.source)
+            if admitted is None:
+                continue
+            emitted.append(admitted)
+            if is_rank_zero():
+                self.sinks.alert(admitted)
+                if self.on_alert == "warn":
+                    log.warning(admitted.message)
+                    warnings.warn(admitted.message, GradWatchWarning, stacklevel=4)
+            if callable(self.on_alert):
+                self.on_alert(admitted)
+        return emitted
+
+    def _raise_if_asked(self, alerts: list[Alert]) -> None:
+        if self.on_alert == "raise" and alerts:
+            raise GradWatchAlertError(alerts[0])
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> GradWatch:
+    """Create a :class:`GradWatch` and attach it: zero changes to the training loop.
+
+    With ``optimizer`` the monitor runs in that optimizer's step pre-hook; without, before
+    every optimizer step that updates one of ``model``'s parameters. The monitor is a context
+    manager that closes (removing every hook) on exit.
+
+    Example::
+
+        with gw.watch(model, optimizer, sinks=[gw.sinks.JSONL("grads.jsonl")]) as monitor:
+            train(model, optimizer)
+    """
+    monitor = GradWatch(model, **kwargs)
+    if optimizer is None:
+        monitor.attach_all()
+    else:
+        monitor.attach(optimizer)
+    return monitor

@@ -1,0 +1,91 @@
+"""The sink protocol and the fan-out that keeps one failing sink from stopping training."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from gradwatch.alerts import Alert
+from gradwatch.errors import GradWatchWarning
+
+log = logging.getLogger("gradwatch")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where metrics and alerts go. Sinks know nothing of torch: they get floats and Alerts.
+
+    Optionally a sink may also define ``log_meta(meta: dict)``, called once with the layer names
+    and the configuration before the first metrics.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Receive the host values of one logging step."""
+
+    def log_alert(self, alert: Alert) -> None:
+        """Receive one alert (already de-duplicated)."""
+
+    def close(self) -> None:
+        """Flush and release resources; must be idempotent."""
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (or not distributed)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except Exception:  # pragma: no cover - exotic builds
+        pass
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var]) == 0
+            except ValueError:
+                continue
+    return True
+
+
+class SinkSet:
+    """Calls every sink, isolating failures: a failing sink is warned about once and skipped."""
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks = list(sinks)
+        self._warned: set[int] = set()
+
+    def _call(self, sink: Sink, method: str, *args: Any) -> None:
+        fn = getattr(sink, method, None)
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # a sink must never stop training
+            if id(sink) not in self._warned:
+                self._warned.add(id(sink))
+                msg = f"gradwatch: sink {type(sink).__name__}.{method} failed ({type(exc).__name__}: {exc}); the other sinks keep receiving."
+                log.warning(msg)
+                warnings.warn(msg, GradWatchWarning, stacklevel=3)
+
+    def meta(self, meta: dict[str, Any]) -> None:
+        """Send the run's meta record to sinks that accept one."""
+        for s in self.sinks:
+            self._call(s, "log_meta", meta)
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Send one step's metrics."""
+        for s in self.sinks:
+            self._call(s, "log_metrics", metrics, step)
+
+    def alert(self, alert: Alert) -> None:
+        """Send one alert."""
+        for s in self.sinks:
+            self._call(s, "log_alert", alert)
+
+    def close(self) -> None:
+        """Close every sink."""
+        for s in self.sinks:
+            self._call(s, "close")
