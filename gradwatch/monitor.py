@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import warnings
 import weakref
@@ -18,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch._checks import check_choice, check_int
 from gradwatch.activations import ActivationTracker
 from gradwatch.alerts import Alert, AlertLog
+from gradwatch.amp import AmpWatch, check_scaler
 from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
@@ -76,8 +78,11 @@ class GradWatch:
         log_every: logging period in steps (step 0 is a logging step).
         granularity: ``"module"`` (each module owning parameters) or ``"parameter"``.
         track_activations: hook ReLU/sigmoid/tanh modules to detect dead and saturated units.
-        scaler: a ``torch.amp.GradScaler``; lets :meth:`step` unscale statistics of gradients
-            that were not unscaled yet.
+        scaler: the loop's ``torch.amp.GradScaler``. Then :meth:`step` divides the statistics (and
+            clipping thresholds) by the scale while the gradients are not unscaled yet, and
+            inf/NaN gradients are left to the scaler, which skips the step itself: no alert, no
+            ``on_nonfinite`` action, counted as ``amp/overflow_steps``; only a run of 16 or more
+            consecutive skips (the scale fallen 2^16-fold) is a ``nonfinite`` alert.
         history_size: logging steps kept in :attr:`history`.
         max_alerts: alerts kept in :attr:`alerts`.
         remind_every: steps before a persisting condition is reported again.
@@ -131,6 +136,7 @@ class GradWatch:
             raise ValueError(
                 f"`clip` must be None or a clipping strategy such as gw.clip.Norm(1.0); got {clip!r}"
             )
+        check_scaler(scaler)
         if detectors == "default":
             self.detectors: list[Detector] = default_detectors()
         elif detectors is None:
@@ -152,6 +158,8 @@ class GradWatch:
         self.granularity = granularity
         self.track_activations = track_activations
         self.scaler = scaler
+        self._amp = AmpWatch(scaler) if scaler is not None else None
+        self._hook_optimizer: torch.optim.Optimizer | None = None  # set while a step pre-hook runs
         self.sinks = SinkSet([Console()] if sinks is None else sinks)
         self.history: deque[dict[str, float]] = deque(maxlen=history_size)
         self._alert_log = AlertLog(remind_every=remind_every, maxlen=max_alerts)
@@ -214,7 +222,7 @@ class GradWatch:
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             monitor = ref()
             if monitor is not None and not monitor._closed:
-                monitor.step()
+                monitor._step_from(opt)
 
         handle = optimizer.register_step_pre_hook(hook)
         self._handles.append(handle)
@@ -240,7 +248,7 @@ class GradWatch:
                 ours = any(id(p) in ids for g in opt.param_groups for p in g["params"])
                 known[opt] = ours
             if ours:
-                monitor.step()
+                monitor._step_from(opt)
 
         handle = torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
         self._handles.append(handle)
@@ -273,11 +281,21 @@ class GradWatch:
         inv_scale = self._inv_scale()
         stats = self._collector.compute(gathered, step, full=logging_step, inv_scale=inv_scale)
         acts = self._tracker.take() if self._tracker is not None else None
+        # With an active GradScaler, inf/NaN gradients are overflow that the scaler skips itself;
+        # nulling them here would break it (scaler.step asserts it recorded an inf check).
+        amp_owned = self._amp is not None and self._amp.active
+        seen = stats
+        if amp_owned:
+            seen = replace(stats, nonfinite=torch.zeros_like(stats.nonfinite),
+                           any_nonfinite=torch.zeros_like(stats.any_nonfinite))
         for d in self.detectors:
-            d.update(stats, self._step_t, acts)
+            d.update(seen, self._step_t, acts)
+        if amp_owned:
+            assert self._amp is not None
+            self._amp.update(stats.any_nonfinite, self._step_t)
 
         counts: Tensor | None = None
-        if self.on_nonfinite in ("skip", "raise"):
+        if self.on_nonfinite in ("skip", "raise") and not amp_owned:
             flag = self._agree(stats.any_nonfinite)
             if bool(flag):  # the one host sync that skipping needs
                 counts = self._collector.nonfinite_counts(gathered)
@@ -310,8 +328,29 @@ class GradWatch:
         """Read and emit what the detectors found since the last logging step (a host sync)."""
         if self._collector is None or self._closed or self._read_at >= self._step - 1:
             return []
-        values = self._transfer([t for d in self.detectors for t in d.pending()])
+        values = self._transfer([t for d in self._watchers() for t in d.pending()])
         return self._emit(self._collect(values))
+
+    def _step_from(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run :meth:`step` from ``optimizer``'s step pre-hook (its AMP stage is then known)."""
+        self._hook_optimizer = optimizer
+        try:
+            self.step()
+        finally:
+            self._hook_optimizer = None
+
+    def _watchers(self) -> list[Any]:
+        """The detectors plus the AMP overflow watch: everything read back at logging steps."""
+        return [*self.detectors, self._amp] if self._amp is not None else list(self.detectors)
+
+    def _close_amp(self) -> None:
+        # Under attach, steps the scaler skips run no pre-hook: a run still going on at the end of
+        # training is only visible from how far the scale fell since the last step.
+        if self._amp is None or self._collector is None or not self._amp.active:
+            return
+        self._amp.update(None, self._step_t)
+        values = self._transfer(self._amp.pending())
+        self._emit(self._amp.collect(values, self._step))
 
     def close(self) -> None:
         """Remove every hook, emit pending alerts, flush and close the sinks (idempotent)."""
@@ -319,6 +358,7 @@ class GradWatch:
             return
         try:
             self.flush()
+            self._close_amp()
         finally:
             self._closed = True
             for h in self._handles:
@@ -337,6 +377,7 @@ class GradWatch:
             "layers": self.layers,
             "detectors": [d.state_dict() for d in self.detectors] if self._collector is not None else None,
             "clip": self.clip.state_dict() if self.clip is not None else None,
+            "amp": self._amp.state_dict() if self._amp is not None and self._collector is not None else None,
             "alerts": self._alert_log.state_dict(),
             "history": list(self.history),
         }
@@ -390,6 +431,11 @@ class GradWatch:
         )
         for d in self.detectors:
             d.bind(ctx)
+        if self._amp is not None:
+            self._amp.bind(dev)
+        bind_clip = getattr(self.clip, "bind", None)
+        if callable(bind_clip):
+            bind_clip(self._layers)  # e.g. AGC resolves the layer names it leaves out
         if self._pending_state is not None:
             self._load_detectors(self._pending_state)
             self._pending_state = None
@@ -419,10 +465,15 @@ class GradWatch:
             return
         for d, s in zip(self.detectors, saved):
             d.load_state_dict(s)
+        if self._amp is not None and state.get("amp"):
+            self._amp.load_state_dict(state["amp"])
         self._step_t = torch.tensor(float(self._step), device=self._step_t.device)
 
     def _inv_scale(self) -> Tensor | None:
-        return None
+        """``1/scale`` while a known GradScaler's gradients are not unscaled yet (a device tensor)."""
+        if self._amp is None:
+            return None
+        return self._amp.inv_scale(self._hook_optimizer)
 
     def _agree(self, flag: Tensor) -> Tensor:
         """All ranks take the same skip decision: one tiny all-reduce when distributed."""
@@ -456,7 +507,7 @@ class GradWatch:
     def _collect(self, values: list[list[float]]) -> list[Finding]:
         findings: list[Finding] = []
         i = 0
-        for d in self.detectors:
+        for d in self._watchers():
             k = len(d.pending())
             findings.extend(d.collect(values[i : i + k], self._step))
             i += k
@@ -481,8 +532,10 @@ class GradWatch:
             if inv_scale is not None:
                 post = post * inv_scale.to(post.device)
             tensors += [clip.threshold.reshape(1), clip.coef.reshape(1), post.reshape(1)]
+        if self._amp is not None:
+            tensors += self._amp.metric_tensors()
         n_fixed = len(tensors)
-        pending = [t for d in self.detectors for t in d.pending()]
+        pending = [t for d in self._watchers() for t in d.pending()]
         values = self._transfer(tensors + pending)
         gn, gmax, pn, total = values[0], values[1], values[2], values[3][0]
         rest = values[4:n_fixed]
@@ -497,17 +550,19 @@ class GradWatch:
                 m[f"grad_max/{name}"] = gmax[i]
                 m[f"param_norm/{name}"] = pn[i]
                 m[f"grad_to_param/{name}"] = gn[i] / pn[i] if pn[i] > 0 else float("inf") if gn[i] > 0 else 0.0
-        if counts is not None:
-            c = rest.pop(0)
-            m["nonfinite/total"] = float(sum(c))
-            for i, name in enumerate(names):
-                if c[i] > 0:
-                    m[f"nonfinite/{name}"] = c[i]
-        else:
-            m["nonfinite/total"] = 0.0 if all(v == v and abs(v) != float("inf") for v in gn) else float("nan")
+        c = rest.pop(0) if counts is not None else None
+        if c is None and not all(math.isfinite(v) for v in gn):
+            # Rare path (non-finite values under "warn"/"ignore"): one more read for exact counts.
+            c = self._collector.nonfinite_counts(gathered).cpu().tolist()  # type: ignore[union-attr]
+        m["nonfinite/total"] = float(sum(c)) if c is not None else 0.0
+        for i, name in enumerate(names):
+            if c is not None and c[i] > 0:
+                m[f"nonfinite/{name}"] = c[i]
         m["skipped_steps"] = float(self._skipped)
         if clip is not None:
-            m["clip/threshold"], m["clip/coef"], m["grad_norm_clipped/total"] = (r[0] for r in rest)
+            m["clip/threshold"], m["clip/coef"], m["grad_norm_clipped/total"] = (rest.pop(0)[0] for _ in range(3))
+        if self._amp is not None:
+            m["amp/scale"], m["amp/overflow_steps"] = (rest.pop(0)[0] for _ in range(2))
         findings = self._collect(values[n_fixed:])
         if is_rank_zero():
             self.sinks.metrics(m, stats.step)
@@ -532,8 +587,9 @@ class GradWatch:
                 message=f.message,
                 remedies=remedies_for(f.kind, self._facts, typical_norm=typical),
             )
-            if f.kind == "nonfinite" and self.on_nonfinite == "skip":
-                alert = replace(alert, message=alert.message + " The step was skipped: no weight or optimizer state changed.")
+            if f.kind == "nonfinite" and f.source == "grad" and self.on_nonfinite == "skip":
+                note = " The step was skipped: no weight or optimizer state changed."
+                alert = replace(alert, message=alert.message + note)
             admitted = self._alert_log.admit(alert, f.source)
             if admitted is None:
                 continue

@@ -19,6 +19,8 @@ from torch import Tensor
 from gradwatch.layers import Layer
 
 _HALF = (torch.float16, torch.bfloat16)
+# Distinct sets of present gradients whose index tensors are cached.
+_MAX_PATTERNS = 64
 
 
 @dataclass
@@ -56,6 +58,7 @@ class GradStats:
     any_nonfinite: Tensor  # bool scalar
     grad_max: Tensor | None = None
     param_norm: Tensor | None = None
+    inv_scale: Tensor | None = None  # 1/scale when the gradients are still AMP-scaled (statistics are unscaled)
 
     @property
     def full(self) -> bool:
@@ -86,7 +89,7 @@ class StatsCollector:
         self._flat: list[tuple[int, torch.nn.Parameter]] = [
             (i, p) for i, layer in enumerate(layers) for p in layer.params
         ]
-        self._cache: dict[tuple[bool, ...], tuple[list[tuple[list[int], Tensor]], Tensor]] = {}
+        self._cache: dict[tuple[bool, ...], tuple[list[tuple[list[int], Tensor]], Tensor, tuple[bool, ...]]] = {}
 
     @property
     def num_layers(self) -> int:
@@ -99,15 +102,16 @@ class StatsCollector:
         key = tuple(g is not None for g in grads_all)
         cached = self._cache.get(key)
         if cached is None:
+            if len(self._cache) >= _MAX_PATTERNS:  # e.g. mixture-of-experts routing: keep memory bounded
+                self._cache.clear()
             cached = self._build_index(key)
             self._cache[key] = cached
-        plan, present = cached
+        plan, present, present_host = cached
         groups = []
         for positions, layer_idx in plan:
             grads = [grads_all[j] for j in positions]
             params = [self._flat[j][1] for j in positions]
             groups.append((grads, params, layer_idx))
-        present_host = tuple(bool(v) for v in self._present_host(key))
         return Gathered(
             key=key,
             groups=groups,
@@ -122,7 +126,9 @@ class StatsCollector:
             out[i] = out[i] or has
         return out
 
-    def _build_index(self, key: tuple[bool, ...]) -> tuple[list[tuple[list[int], Tensor]], Tensor]:
+    def _build_index(
+        self, key: tuple[bool, ...]
+    ) -> tuple[list[tuple[list[int], Tensor]], Tensor, tuple[bool, ...]]:
         by_group: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for j, ((_, p), has) in enumerate(zip(self._flat, key)):
             if has:
@@ -132,8 +138,9 @@ class StatsCollector:
         for positions in by_group.values():
             idx = torch.tensor([self._flat[j][0] for j in positions], dtype=torch.long, device=self.device)
             plan.append((positions, idx))
-        present = torch.tensor(self._present_host(key), dtype=torch.bool, device=self.device)
-        return plan, present
+        present_host = tuple(self._present_host(key))
+        present = torch.tensor(present_host, dtype=torch.bool, device=self.device)
+        return plan, present, present_host
 
     def _per_layer(self, gathered: Gathered, which: str, ord: float) -> Tensor:
         """Sum of squares (ord=2) or max (ord=inf) per layer, float32 on the stats device."""
@@ -179,6 +186,7 @@ class StatsCollector:
                 total_norm=total_sq.sqrt(),
                 nonfinite=nonfinite,
                 any_nonfinite=~torch.isfinite(total_sq),
+                inv_scale=inv_scale,
             )
             if full:
                 gmax = self._per_layer(gathered, "grad", float("inf"))
