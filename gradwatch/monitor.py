@@ -23,7 +23,7 @@ from gradwatch.amp import AmpWatch, check_scaler
 from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
-from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel
+from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel, unwrap_compiled
 from gradwatch.remedies import inspect_model, remedies_for
 from gradwatch.sinks.base import Sink, SinkSet, is_rank_zero
 from gradwatch.sinks.console import Console
@@ -122,6 +122,7 @@ class GradWatch:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
+        model = unwrap_compiled(model)  # torch.compile(model): watch the original, names without "_orig_mod."
         check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         if not callable(on_alert):
             check_choice("on_alert", on_alert, ON_ALERT)
@@ -296,7 +297,8 @@ class GradWatch:
 
         counts: Tensor | None = None
         if self.on_nonfinite in ("skip", "raise") and not amp_owned:
-            flag = self._agree(stats.any_nonfinite)
+            # Sharded statistics already carried the flag through their all-reduce.
+            flag = stats.any_nonfinite if stats.agreed else self._agree(stats.any_nonfinite)
             if bool(flag):  # the one host sync that skipping needs
                 counts = self._collector.nonfinite_counts(gathered)
                 if not stats.full:

@@ -6,16 +6,20 @@ group: the per-parameter L2 norms are squared and summed into their layers with 
 (a sum of squares is non-finite as soon as one entry is). Logging steps add a max-|g| pass and a
 parameter-norm pass. Half-precision tensors are reduced in float32. Nothing here reads a value
 back to the host.
+
+Sharded gradients (FSDP2 / DTensor) are reduced on their local shards and made global with one
+all-reduce of one stacked tensor per statistic (see :mod:`gradwatch.distributed`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from gradwatch.distributed import ReduceKey, all_reduce_, is_dtensor, local, reduce_key, spans_world
 from gradwatch.layers import Layer
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -32,11 +36,19 @@ class Gathered:
     present: Tensor  # bool[L] on the stats device
     present_host: tuple[bool, ...]  # per layer
     grads: list[Tensor]  # every gradient present, in layer order
+    # Per group: the process groups its (local, sharded) statistics are summed over; () when not sharded.
+    # Gradients and parameters in ``groups`` are then the local shards (views: in-place ops reach them).
+    reduce_keys: list[ReduceKey] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """Whether no layer has a gradient."""
         return not self.grads
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some gradients are shards whose statistics need a collective."""
+        return any(self.reduce_keys)
 
 
 @dataclass
@@ -59,11 +71,16 @@ class GradStats:
     grad_max: Tensor | None = None
     param_norm: Tensor | None = None
     inv_scale: Tensor | None = None  # 1/scale when the gradients are still AMP-scaled (statistics are unscaled)
+    agreed: bool = False  # any_nonfinite was all-reduced with the statistics: the same on every rank
 
     @property
     def full(self) -> bool:
         """Whether the logging-step statistics are present."""
         return self.grad_max is not None
+
+
+def _keys(gathered: Gathered) -> list[ReduceKey]:
+    return gathered.reduce_keys or [()] * len(gathered.groups)
 
 
 def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Tensor:
@@ -108,16 +125,22 @@ class StatsCollector:
             self._cache[key] = cached
         plan, present, present_host = cached
         groups = []
-        for positions, layer_idx in plan:
+        keys = []
+        for positions, layer_idx, rkey, dtensors in plan:
             grads = [grads_all[j] for j in positions]
             params = [self._flat[j][1] for j in positions]
+            if dtensors:  # FSDP2 / DTensor: work on the local shards
+                grads = [local(g) for g in grads]  # type: ignore[arg-type]
+                params = [local(p) for p in params]
             groups.append((grads, params, layer_idx))
+            keys.append(rkey)
         return Gathered(
             key=key,
             groups=groups,
             present=present,
             present_host=present_host,
-            grads=[g for g in grads_all if g is not None],
+            grads=[g for grads, _, _ in groups for g in grads],
+            reduce_keys=keys,
         )
 
     def _present_host(self, key: tuple[bool, ...]) -> list[bool]:
@@ -128,32 +151,66 @@ class StatsCollector:
 
     def _build_index(
         self, key: tuple[bool, ...]
-    ) -> tuple[list[tuple[list[int], Tensor]], Tensor, tuple[bool, ...]]:
-        by_group: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    ) -> tuple[list[tuple[list[int], Tensor, ReduceKey, bool]], Tensor, tuple[bool, ...]]:
+        by_group: dict[tuple[torch.device, torch.dtype, ReduceKey, bool], list[int]] = defaultdict(list)
         for j, ((_, p), has) in enumerate(zip(self._flat, key)):
             if has:
                 g = p.grad
-                by_group[(g.device, g.dtype)].append(j)
+                assert g is not None
+                by_group[(g.device, g.dtype, reduce_key(g), is_dtensor(g))].append(j)
         plan = []
-        for positions in by_group.values():
+        for (_, _, rkey, dtensors), positions in by_group.items():
             idx = torch.tensor([self._flat[j][0] for j in positions], dtype=torch.long, device=self.device)
-            plan.append((positions, idx))
+            plan.append((positions, idx, rkey, dtensors))
         present_host = tuple(self._present_host(key))
         present = torch.tensor(present_host, dtype=torch.bool, device=self.device)
         return plan, present, present_host
 
-    def _per_layer(self, gathered: Gathered, which: str, ord: float) -> Tensor:
-        """Sum of squares (ord=2) or max (ord=inf) per layer, float32 on the stats device."""
+    def _per_layer(
+        self, gathered: Gathered, which: str, ord: float, flag: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Sum of squares (ord=2) or max (ord=inf) per layer, float32 on the stats device.
+
+        Sharded gradients contribute their local shards, made global with one all-reduce of one
+        stacked tensor (per set of process groups; FSDP2 has one). With ``flag``, that stacked
+        tensor also carries whether this rank's unsharded values are non-finite, and the second
+        result is that flag summed over the ranks (``None`` when nothing was reduced).
+        """
         out = torch.zeros(len(self.layers), dtype=torch.float32, device=self.device)
-        for grads, params, layer_idx in gathered.groups:
+        shards: dict[ReduceKey, Tensor] = {}
+        for (grads, params, layer_idx), rkey in zip(gathered.groups, _keys(gathered)):
             tensors = grads if which == "grad" else [p.detach() for p in params]
             dtype = tensors[0].dtype
+            if ord != 2 and any(t.numel() == 0 for t in tensors):
+                # Empty local shards (uneven FSDP sharding) have no max; they contribute nothing.
+                keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
+                if not keep:
+                    continue
+                tensors = [tensors[i] for i in keep]
+                layer_idx = layer_idx[torch.tensor(keep, device=layer_idx.device)]
+            acc = out if not rkey else shards.setdefault(rkey, torch.zeros_like(out))
             vals = _norms(tensors, ord, dtype).to(self.device, non_blocking=True)
             if ord == 2:
-                out.index_add_(0, layer_idx, vals * vals)
+                acc.index_add_(0, layer_idx, vals * vals)
             else:
-                out.scatter_reduce_(0, layer_idx, vals, reduce="amax", include_self=True)
-        return out
+                acc.scatter_reduce_(0, layer_idx, vals, reduce="amax", include_self=True)
+        if not shards:
+            return out, None
+        agreed: Tensor | None = None
+        # Whether this rank's unsharded values are non-finite (a NaN there would not travel otherwise).
+        mine = (~torch.isfinite(out.sum())).to(torch.float32).reshape(1) if flag and ord == 2 else None
+        for rkey, acc in shards.items():
+            if ord == 2:
+                if mine is not None:
+                    acc = torch.cat([acc, mine])
+                all_reduce_(acc, rkey, "sum")
+                if mine is not None:
+                    acc, f = acc[:-1], acc[-1]
+                    agreed = f if agreed is None else agreed + f
+                out = out + acc
+            else:
+                out = torch.maximum(out, all_reduce_(acc, rkey, "max"))
+        return out, agreed
 
     def compute(
         self,
@@ -172,7 +229,7 @@ class StatsCollector:
             inv_scale: multiply gradient statistics by this (AMP gradients not yet unscaled).
         """
         with torch.no_grad():
-            grad_sq = self._per_layer(gathered, "grad", 2.0)
+            grad_sq, flag = self._per_layer(gathered, "grad", 2.0, flag=True)
             if inv_scale is not None:
                 grad_sq = grad_sq * (inv_scale.to(self.device, torch.float32) ** 2)
             total_sq = grad_sq.sum()
@@ -188,19 +245,27 @@ class StatsCollector:
                 any_nonfinite=~torch.isfinite(total_sq),
                 inv_scale=inv_scale,
             )
+            if flag is not None:
+                # A non-finite unsharded gradient on any rank, or a non-finite global sum.
+                stats.any_nonfinite = stats.any_nonfinite | (flag > 0)
+                stats.agreed = any(spans_world(k) for k in gathered.reduce_keys)
             if full:
-                gmax = self._per_layer(gathered, "grad", float("inf"))
+                gmax, _ = self._per_layer(gathered, "grad", float("inf"))
                 if inv_scale is not None:
                     gmax = gmax * inv_scale.to(self.device, torch.float32)
                 stats.grad_max = gmax
-                stats.param_norm = self._per_layer(gathered, "param", 2.0).sqrt()
+                stats.param_norm = self._per_layer(gathered, "param", 2.0)[0].sqrt()
         return stats
 
     def nonfinite_counts(self, gathered: Gathered) -> Tensor:
         """Number of non-finite gradient entries per layer (a full pass; used on rare steps only)."""
         out = torch.zeros(len(self.layers), dtype=torch.float32, device=self.device)
+        shards: dict[ReduceKey, Tensor] = {}
         with torch.no_grad():
-            for grads, _, layer_idx in gathered.groups:
+            for (grads, _, layer_idx), rkey in zip(gathered.groups, _keys(gathered)):
+                acc = out if not rkey else shards.setdefault(rkey, torch.zeros_like(out))
                 counts = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).to(self.device)
-                out.index_add_(0, layer_idx, counts.to(torch.float32))
+                acc.index_add_(0, layer_idx, counts.to(torch.float32))
+            for rkey, acc in shards.items():
+                out += all_reduce_(acc, rkey, "sum")
         return out
