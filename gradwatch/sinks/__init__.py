@@ -11,8 +11,9 @@ from typing import Any
 from gradwatch.sinks.base import Sink, SinkSet
 from gradwatch.sinks.console import Console
 from gradwatch.sinks.jsonl import JSONL, read_jsonl
+from gradwatch.sinks.lightning_loggers import LightningLoggers
 
-__all__ = ["JSONL", "Console", "Sink", "SinkSet", "TensorBoard", "Wandb", "read_jsonl"]
+__all__ = ["JSONL", "Console", "LightningLoggers", "Sink", "SinkSet", "TensorBoard", "Wandb", "read_jsonl"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,258 @@
+"""Lightning callback: gradwatch inside a ``Trainer``, for ``lightning.pytorch`` and ``pytorch_lightning``.
+
+The callback reads the gradients in ``on_before_optimizer_step``, which Lightning calls once per
+optimizer step, after the last accumulated micro-batch's backward and after AMP unscaling, and
+before it clips with ``gradient_clip_val``. So the records describe exactly what the optimizer is
+about to apply, and the pre-clip norm is the one reported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from gradwatch.clip import Norm
+from gradwatch.monitor import GradWatch, StepReport
+from gradwatch.sinks.base import Sink
+from gradwatch.sinks.console import Console
+from gradwatch.sinks.lightning_loggers import LightningLoggers, is_logger_of
+
+__all__ = ["GradWatchCallback"]
+
+
+def _callback_bases() -> tuple[type, ...]:
+    # A Trainer checks ``isinstance(cb, Callback)`` against its own package's class, and
+    # ``lightning.pytorch`` and ``pytorch_lightning`` are two distinct hierarchies: derive from
+    # every one that is installed so the same callback works with either Trainer.
+    bases = []
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        if importlib.util.find_spec(name.split(".")[0]) is None:
+            continue
+        try:
+            bases.append(importlib.import_module(name).Callback)
+        except ImportError:  # pragma: no cover - broken installs
+            continue
+    if not bases:
+        raise ModuleNotFoundError(
+            "gradwatch.lightning needs Lightning, which is not installed. "
+            "Install it with `pip install lightning` (or `pip install pytorch-lightning`)."
+        )
+    return tuple(bases)
+
+
+_BASES = _callback_bases()
+_OPTIONS = [p for p in inspect.signature(GradWatch.__init__).parameters if p not in ("self", "model")]
+
+
+class _LightningGradWatch(GradWatch):
+    """A :class:`GradWatch` whose step counter follows ``trainer.global_step`` and that divides
+    the statistics of a fused optimizer's still-scaled gradients by the AMP scale."""
+
+    _external_inv_scale: Tensor | None = None
+
+    def follow_step(self, step: int) -> None:
+        """Make the next :meth:`step` carry number ``step``."""
+        if step == self._step:
+            return
+        self._step = step
+        step_t = getattr(self, "_step_t", None)
+        if step_t is not None:
+            step_t.fill_(float(step))
+
+    def _inv_scale(self, *args: Any, **kwargs: Any) -> Tensor | None:
+        if self._external_inv_scale is not None:
+            return self._external_inv_scale
+        return super()._inv_scale(*args, **kwargs)
+
+
+def _fused_inv_scale(trainer: Any, optimizer: Any) -> Tensor | None:
+    """``1/scale`` when the optimizer unscales inside its own ``step`` (fused Adam & co.).
+
+    Lightning's AMP plugin unscales before ``on_before_optimizer_step`` except for optimizers
+    that handle the unscaling themselves (``_step_supports_amp_scaling``): their gradients are
+    still multiplied by the scale when the hook runs. Reads the scale as a device tensor (no sync).
+    """
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    opt = getattr(optimizer, "_optimizer", optimizer)
+    if not getattr(opt, "_step_supports_amp_scaling", False):
+        return None
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else getattr(scaler, "_scale", None)
+    if scale is None:
+        return None
+    return scale.double().reciprocal().float()
+
+
+def _printer(trainer: Any) -> Any:
+    # The progress bar's ``print`` writes above the bar instead of tearing it.
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is not None and callable(getattr(bar, "print", None)):
+        return bar.print
+    return None
+
+
+class GradWatchCallback(*_BASES):  # type: ignore[misc]
+    """Run :class:`gradwatch.GradWatch` inside a Lightning ``Trainer``.
+
+    Takes the same keyword options as :class:`~gradwatch.GradWatch` (``detectors``, ``clip``,
+    ``on_nonfinite``, ``on_alert``, ``sinks``, ``log_every``, ``granularity``,
+    ``track_activations``, ...), except ``scaler``, which comes from the Trainer's precision
+    plugin. It works with ``lightning.pytorch`` and ``pytorch_lightning`` Trainers alike.
+
+    * Gradients are read in ``on_before_optimizer_step``: once per optimizer step (after the last
+      accumulated micro-batch; with several optimizers, once per ``optimizer.step()``), after AMP
+      unscaling, before Lightning's ``gradient_clip_val`` clipping. A fused optimizer's
+      still-scaled gradients are divided by the scaler's scale. Steps are
+      ``trainer.global_step``.
+    * ``clip`` and ``on_nonfinite="skip"`` act as in a plain loop: a skipped step sets every
+      ``.grad`` to ``None``, so Lightning's clipping and the optimizer leave weights and
+      optimizer state unchanged.
+    * ``sinks=None``: metrics go to every logger in ``trainer.loggers`` through
+      ``log_metrics(metrics, step=trainer.global_step)`` on rank 0; alerts are printed once on
+      rank 0 through the progress bar's ``print`` (or stderr), written as text to a
+      ``TensorBoardLogger``, and sent as W&B alerts (``run.alert``) on the run of each
+      ``WandbLogger``, which also gets the per-layer heatmap and the alerts table.
+      A ``gw.sinks.LightningLoggers()`` in an explicit ``sinks`` list is bound to
+      ``trainer.loggers`` the same way.
+    * ``state_dict``/``load_state_dict`` carry the step, detector, clipper and alert state, so
+      a Trainer resumed with ``ckpt_path`` neither re-warms nor re-alerts. ``state_key`` is built
+      from the configuration.
+
+    Attributes:
+        monitor: the :class:`~gradwatch.GradWatch` of the current (or last) fit, or ``None``.
+        last_report: the :class:`~gradwatch.StepReport` of the last optimizer step.
+
+    Raises:
+        TypeError: an unknown keyword, or ``scaler``.
+        ValueError: an option has a value outside its allowed set (same messages as ``GradWatch``).
+
+    Example::
+
+        from gradwatch.lightning import GradWatchCallback
+
+        trainer = Trainer(callbacks=[GradWatchCallback(clip=gw.clip.Norm(1.0))], logger=WandbLogger())
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        if "scaler" in options:
+            raise TypeError(
+                "GradWatchCallback takes the AMP scaler from the Trainer's precision plugin; do not pass `scaler`"
+            )
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"GradWatchCallback got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(o for o in _OPTIONS if o != 'scaler')}"
+            )
+        # Check every value now, with GradWatch's own messages, on a throwaway one-layer model
+        # (not closed: closing would close the user's sinks).
+        sinks = options.get("sinks")
+        GradWatch(nn.Linear(1, 1), **{**options, "sinks": sinks if sinks is None else list(sinks)})
+        self.options = dict(options)
+        self.sinks: Sequence[Sink] | None = None if sinks is None else list(sinks)
+        self.monitor: _LightningGradWatch | None = None
+        self.last_report: StepReport | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key built from the configuration (two differently configured callbacks can share a checkpoint)."""
+        config = {
+            k: (repr(v) if not isinstance(v, (str, int, float, bool, type(None))) else v)
+            for k, v in sorted(self.options.items())
+            if k not in ("sinks", "on_alert")
+        }
+        return self._generate_state_key(**config)
+
+    def _build_sinks(self, trainer: Any) -> list[Sink]:
+        if self.sinks is not None:
+            for s in self.sinks:
+                if isinstance(s, LightningLoggers) and s.loggers is None:
+                    s.bind(trainer.loggers)
+            return list(self.sinks)
+        printer = _printer(trainer)
+        sinks: list[Sink] = [LightningLoggers(trainer.loggers), Console(metrics=False, printer=printer)]
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                if is_logger_of(lg, "WandbLogger"):
+                    from gradwatch.sinks.wandb import Wandb
+
+                    sinks.append(Wandb(run=lambda lg=lg: lg.experiment, metrics=False, step_key="trainer/global_step"))
+        return sinks
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build the monitor on the (already wrapped and placed) LightningModule."""
+        if self.monitor is not None:
+            previous = self.monitor
+            previous.close()
+            if self._pending_state is None:
+                self._pending_state = previous.state_dict()
+        opts = {k: v for k, v in self.options.items() if k != "sinks"}
+        self.monitor = _LightningGradWatch(pl_module, sinks=self._build_sinks(trainer), **opts)
+        if self._pending_state is not None:
+            self.monitor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Run one gradwatch step on the gradients the optimizer is about to apply."""
+        monitor = self.monitor
+        if monitor is None or monitor._closed:
+            return
+        inv_scale = _fused_inv_scale(trainer, optimizer)
+        if inv_scale is not None and monitor.clip is not None and not (
+            isinstance(monitor.clip, Norm) and monitor.clip.norm_type == 2.0
+        ):
+            raise RuntimeError(
+                f"GradWatchCallback(clip={monitor.clip!r}) cannot clip the still-scaled gradients of "
+                f"{type(getattr(optimizer, '_optimizer', optimizer)).__name__}, which unscales inside its own step "
+                "(a fused optimizer under AMP). Use clip=gw.clip.Norm(max_norm) or an optimizer with fused=False."
+            )
+        monitor.follow_step(int(trainer.global_step))
+        monitor._external_inv_scale = inv_scale
+        try:
+            self.last_report = monitor.step()
+        finally:
+            monitor._external_inv_scale = None
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Emit pending alerts and close the sinks."""
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Close the sinks so that what was recorded is flushed."""
+        if self.monitor is not None:
+            self.monitor.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state (step, detectors, clipper, alerts) as plain containers and tensors."""
+        if self.monitor is not None:
+            return {"monitor": self.monitor.state_dict()}
+        if self._pending_state is not None:
+            return {"monitor": self._pending_state}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; applied when fitting starts if the monitor does not exist yet."""
+        state = state_dict.get("monitor")
+        if state is None:
+            return
+        if self.monitor is not None and not self.monitor._closed:
+            self.monitor.load_state_dict(state)
+        else:
+            self._pending_state = state
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"GradWatchCallback({shown})"
+
