@@ -251,7 +251,9 @@ class GradWatch:
             if ours:
                 monitor._step_from(opt)
 
-        handle = torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook  # not an attribute of torch.optim
+
+        handle = register_optimizer_step_pre_hook(hook)
         self._handles.append(handle)
         return handle
 
