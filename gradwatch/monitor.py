@@ -335,11 +335,11 @@ class GradWatch:
         values = self._transfer([t for d in self._watchers() for t in d.pending()])
         return self._emit(self._collect(values))
 
-    def _step_from(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run :meth:`step` from ``optimizer``'s step pre-hook (its AMP stage is then known)."""
+    def _step_from(self, optimizer: torch.optim.Optimizer) -> StepReport:
+        """Run :meth:`step` for ``optimizer``'s coming step (a pre-hook, Lightning's callback): its AMP stage is known."""
         self._hook_optimizer = optimizer
         try:
-            self.step()
+            return self.step()
         finally:
             self._hook_optimizer = None
 
