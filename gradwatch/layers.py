@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -72,25 +73,56 @@ def discover_layers(model: nn.Module, granularity: str) -> list[Layer]:
     return layers
 
 
+def _is_compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(fn()) if fn is not None else False
+
+
 class ForwardOrderRecorder:
     """Records the order in which modules first run, with forward pre-hooks.
 
-    The hooks are removed by :meth:`finish` (gradwatch calls it at its first step), so they cost
-    nothing afterwards.
+    :meth:`finish` (gradwatch calls it at its first step) removes the hooks of the modules that
+    ran eagerly, so they cost nothing afterwards. Under ``torch.compile`` the hooks are traced:
+    there they record the order once, *at trace time* (``torch.compiler.assume_constant_result``),
+    and add nothing to the compiled graph and no guard on gradwatch's state. Their handles are kept
+    until :meth:`remove` (at ``close()``), because dynamo guards on the number of hooks of each
+    module: removing them at the first step would recompile the model.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self._order: dict[str, int] = {}
-        self._handles: list[RemovableHandle] = []
+        self._compiled: set[str] = set()
+        self._done = False
+        self._handles: dict[str, RemovableHandle] = {}
         for name, module in model.named_modules():
             owns = any(True for _ in module.parameters(recurse=False))
             if owns or not any(True for _ in module.children()):
-                self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+                self._handles[name] = module.register_forward_pre_hook(self._make_hook(name))
 
     def _make_hook(self, name: str):
+        order, compiled = self._order, self._compiled
+
+        def seen_eagerly() -> None:
+            if name not in order and not self._done:
+                order[name] = len(order)
+
+        def seen_by_compiler() -> int:
+            # Runs in Python while dynamo traces the forward; the traced graph holds only the result.
+            if name not in order and not self._done:
+                order[name] = len(order)
+            compiled.add(name)
+            return 0
+
+        # What torch.compiler.assume_constant_result(fn) does, without importing dynamo (seconds)
+        # into every run that never compiles.
+        seen_by_compiler._dynamo_marked_constant = True  # type: ignore[attr-defined]
+        traced = seen_by_compiler
+
         def hook(module: nn.Module, args: object) -> None:
-            if name not in self._order:
-                self._order[name] = len(self._order)
+            if _is_compiling():
+                traced()
+            else:
+                seen_eagerly()
 
         return hook
 
@@ -101,15 +133,17 @@ class ForwardOrderRecorder:
 
     @property
     def active(self) -> bool:
-        """Whether the hooks are still installed."""
-        return bool(self._handles)
+        """Whether the order is still being recorded (:meth:`finish` not called yet)."""
+        return not self._done
 
     def finish(self, layers: list[Layer]) -> list[Layer]:
-        """Remove the hooks and return ``layers`` sorted by forward order.
+        """Stop recording, remove the hooks of eager modules and return ``layers`` in forward order.
 
         Layers whose module never ran keep their registration order, after those that ran.
         """
-        self.remove()
+        self._done = True
+        for name in [n for n in self._handles if n not in self._compiled]:
+            self._handles.pop(name).remove()
         n = len(layers)
         indexed = list(enumerate(layers))
         indexed.sort(key=lambda il: (self._order.get(il[1].module_name, n + il[0]), il[0]))
@@ -117,10 +151,20 @@ class ForwardOrderRecorder:
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
-        for h in self._handles:
+        self._done = True
+        for h in self._handles.values():
             h.remove()
         self._handles.clear()
 
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module behind ``torch.compile(model)`` (an ``OptimizedModule``), else ``model``.
+
+    The compiled wrapper calls the original module, whose hooks and parameters are the real ones;
+    watching it keeps the layer names free of the ``_orig_mod.`` prefix.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 def module_of(model: nn.Module, name: str) -> nn.Module:
     """Return the submodule called ``name`` ("" is the model itself)."""
