@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -140,11 +141,12 @@ def _init_fix(scheme: str) -> str:
 
 
 def _init_remedy(facts: list[InitFact], direction: str) -> str:
-    worst = sorted(facts, key=lambda x: abs(math.log(x.factor)), reverse=True)
-    scheme = worst[0].scheme
+    # Named in model order; the figure quoted is the median factor, typical of the layers named.
+    factor = statistics.median(x.factor for x in facts)
+    scheme = facts[0].scheme
     return (
-        f"Initialise {_names([x.name for x in worst])} with {scheme} init ({_init_fix(scheme)}): their weight "
-        f"std is {worst[0].factor:.2g}x the {scheme} value for their fan-in, so each layer {direction} the signal."
+        f"Initialise {_names([x.name for x in facts])} with {scheme} init ({_init_fix(scheme)}): their weight "
+        f"std is {factor:.2g}x the {scheme} value for their fan-in, so each layer {direction} the signal."
     )
 
 
@@ -208,11 +210,13 @@ def remedies_for(kind: str, facts: ModelFacts, *, typical_norm: float | None = N
         if not out:
             out.append("Check for a detached tensor or a frozen block between the early and the late layers.")
     elif kind == "exploding":
-        out.append(_clip_remedy(typical_norm))
+        # The cause first when the model shows one (oversized init, a vanilla recurrence); clipping
+        # contains any explosion, so it comes next (first when no cause is visible).
         if facts.large_init:
             out.append(_init_remedy(facts.large_init, "amplifies"))
         if facts.vanilla_rnn:
             out.append(rnn_fix)
+        out.append(_clip_remedy(typical_norm))
         out.append("Lower the learning rate, or add a warm-up: large updates feed larger gradients.")
         if not facts.norms and facts.weight_layers:
             out.append(norm_fix)
