@@ -157,14 +157,23 @@ class ForwardOrderRecorder:
         self._handles.clear()
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module behind ``torch.compile(model)`` (an ``OptimizedModule``), else ``model``.
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module doing the work behind wrappers: ``torch.compile``'s ``OptimizedModule``,
+    ``DistributedDataParallel`` and ``DataParallel`` (in any nesting), else ``model``.
 
-    The compiled wrapper calls the original module, whose hooks and parameters are the real ones;
-    watching it keeps the layer names free of the ``_orig_mod.`` prefix.
+    The wrappers call the original module, whose hooks and parameters are the real ones; watching
+    it keeps the layer names free of the ``_orig_mod.`` and ``module.`` prefixes, so a compiled or
+    DDP run reports the same names as a plain one.
     """
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
 
 def module_of(model: nn.Module, name: str) -> nn.Module:
     """Return the submodule called ``name`` ("" is the model itself)."""

@@ -23,7 +23,7 @@ from gradwatch.amp import AmpWatch, check_scaler
 from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
-from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel, unwrap_compiled
+from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel, unwrap_model
 from gradwatch.remedies import inspect_model, remedies_for
 from gradwatch.sinks.base import Sink, SinkSet, is_rank_zero
 from gradwatch.sinks.console import Console
@@ -122,7 +122,7 @@ class GradWatch:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
-        model = unwrap_compiled(model)  # torch.compile(model): watch the original, names without "_orig_mod."
+        model = unwrap_model(model)  # torch.compile / DDP wrappers: watch the module itself, same names
         check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         if not callable(on_alert):
             check_choice("on_alert", on_alert, ON_ALERT)
