@@ -61,7 +61,8 @@ class AmpWatch:
     def __init__(self, scaler: torch.amp.GradScaler) -> None:
         check_scaler(scaler)
         self.scaler = scaler
-        self.limit = overflow_run_limit(scaler.get_backoff_factor())
+        # A disabled scaler has no factors (and never skips); keep the default limit.
+        self.limit = overflow_run_limit(scaler.get_backoff_factor() if scaler.is_enabled() else 0.5)
         self._st: dict[str, Tensor] | None = None
         self.fired_step: Tensor | None = None
         self.fired_value: Tensor | None = None
@@ -143,7 +144,7 @@ class AmpWatch:
     def metric_tensors(self) -> list[Tensor]:
         """``[scale, overflow_steps]`` as 1-element float tensors, for the logging-step transfer."""
         assert self._st is not None
-        scale = self.scaler._scale
+        scale = getattr(self.scaler, "_scale", None)  # a disabled scaler has none
         if scale is None:
             scale = torch.full((), math.nan, device=self.device)
         scale = scale.to(self.device, torch.float32)
