@@ -22,6 +22,7 @@ from gradwatch.alerts import Alert, AlertLog
 from gradwatch.amp import AmpWatch, check_scaler
 from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
+from gradwatch.distributed import is_distributed
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
 from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel, unwrap_model
 from gradwatch.remedies import inspect_model, remedies_for
@@ -287,6 +288,11 @@ class GradWatch:
         # With an active GradScaler, inf/NaN gradients are overflow that the scaler skips itself;
         # nulling them here would break it (scaler.step asserts it recorded an inf check).
         amp_owned = self._amp is not None and self._amp.active
+        if self.on_nonfinite in ("skip", "raise") and not amp_owned and not stats.agreed and is_distributed():
+            # One tiny collective (when distributed): every rank sees which layers are non-finite on
+            # any rank, so all take the same skip/raise decision and report the same layers.
+            agreed = self._agree(stats.nonfinite)
+            stats = replace(stats, nonfinite=agreed > 0, any_nonfinite=stats.any_nonfinite | (agreed.sum() > 0))
         seen = stats
         if amp_owned:
             seen = replace(stats, nonfinite=torch.zeros_like(stats.nonfinite),
@@ -299,12 +305,13 @@ class GradWatch:
 
         counts: Tensor | None = None
         if self.on_nonfinite in ("skip", "raise") and not amp_owned:
-            # Sharded statistics already carried the flag through their all-reduce.
-            flag = stats.any_nonfinite if stats.agreed else self._agree(stats.any_nonfinite)
-            if bool(flag):  # the one host sync that skipping needs
-                counts = self._collector.nonfinite_counts(gathered)
+            # Agreed above, or carried through the all-reduce of sharded statistics.
+            if bool(stats.any_nonfinite):  # the one host sync that skipping needs
+                counts = self._agree(self._collector.nonfinite_counts(gathered))  # rare: max over ranks
                 if not stats.full:
+                    nonfinite = stats.nonfinite
                     stats = self._collector.compute(gathered, step, full=True, inv_scale=inv_scale)
+                    stats = replace(stats, nonfinite=nonfinite | stats.nonfinite)
                 logging_step = True
                 if self.on_nonfinite == "raise":
                     bad = [self._layers[i].name for i in reversed(range(len(self._layers)))
@@ -479,17 +486,17 @@ class GradWatch:
             return None
         return self._amp.inv_scale(self._hook_optimizer)
 
-    def _agree(self, flag: Tensor) -> Tensor:
-        """All ranks take the same skip decision: one tiny all-reduce when distributed."""
+    def _agree(self, values: Tensor) -> Tensor:
+        """Element-wise max over the ranks (float32), one all-reduce; ``values`` unchanged in one process."""
+        if not is_distributed():
+            return values
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            f = flag.to(torch.float32).reshape(1)
-            if dist.get_backend() == "nccl" and f.device.type != "cuda":
-                f = f.cuda()
-            dist.all_reduce(f, op=dist.ReduceOp.MAX)
-            return f[0] > 0
-        return flag
+        f = values.to(torch.float32).reshape(-1).clone()
+        if dist.get_backend() == "nccl" and f.device.type != "cuda":
+            f = f.cuda()
+        dist.all_reduce(f, op=dist.ReduceOp.MAX)
+        return f.to(values.device).reshape(values.shape)
 
     def _finish_step(self) -> None:
         self._step += 1
