@@ -14,9 +14,9 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+import torch
+from torch import nn
 
-from gradwatch.clip import Norm
 from gradwatch.monitor import GradWatch, StepReport
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.console import Console
@@ -50,13 +50,10 @@ _OPTIONS = [p for p in inspect.signature(GradWatch.__init__).parameters if p not
 
 
 class _LightningGradWatch(GradWatch):
-    """A :class:`GradWatch` whose step counter follows ``trainer.global_step`` and that divides
-    the statistics of a fused optimizer's still-scaled gradients by the AMP scale."""
-
-    _external_inv_scale: Tensor | None = None
+    """A :class:`GradWatch` whose step counter follows ``trainer.global_step``."""
 
     def follow_step(self, step: int) -> None:
-        """Make the next :meth:`step` carry number ``step``."""
+        """Make the next step carry number ``step``."""
         if step == self._step:
             return
         self._step = step
@@ -64,29 +61,17 @@ class _LightningGradWatch(GradWatch):
         if step_t is not None:
             step_t.fill_(float(step))
 
-    def _inv_scale(self, *args: Any, **kwargs: Any) -> Tensor | None:
-        if self._external_inv_scale is not None:
-            return self._external_inv_scale
-        return super()._inv_scale(*args, **kwargs)
 
-
-def _fused_inv_scale(trainer: Any, optimizer: Any) -> Tensor | None:
-    """``1/scale`` when the optimizer unscales inside its own ``step`` (fused Adam & co.).
+def _scaler(trainer: Any) -> Any:
+    """The Trainer's AMP ``GradScaler`` (``16-mixed``), or ``None``.
 
     Lightning's AMP plugin unscales before ``on_before_optimizer_step`` except for optimizers
-    that handle the unscaling themselves (``_step_supports_amp_scaling``): their gradients are
-    still multiplied by the scale when the hook runs. Reads the scale as a device tensor (no sync).
+    that unscale inside their own step (fused Adam & co.); given the scaler and the optimizer,
+    the monitor reads the optimizer's AMP stage and divides still-scaled statistics by the scale,
+    and leaves inf/NaN overflow to the scaler, which skips those steps itself.
     """
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    opt = getattr(optimizer, "_optimizer", optimizer)
-    if not getattr(opt, "_step_supports_amp_scaling", False):
-        return None
-    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else getattr(scaler, "_scale", None)
-    if scale is None:
-        return None
-    return scale.double().reciprocal().float()
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
 
 
 def _printer(trainer: Any) -> Any:
@@ -197,7 +182,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if self._pending_state is None:
                 self._pending_state = previous.state_dict()
         opts = {k: v for k, v in self.options.items() if k != "sinks"}
-        self.monitor = _LightningGradWatch(pl_module, sinks=self._build_sinks(trainer), **opts)
+        self.monitor = _LightningGradWatch(pl_module, sinks=self._build_sinks(trainer), scaler=_scaler(trainer), **opts)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -207,21 +192,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         monitor = self.monitor
         if monitor is None or monitor._closed:
             return
-        inv_scale = _fused_inv_scale(trainer, optimizer)
-        if inv_scale is not None and monitor.clip is not None and not (
-            isinstance(monitor.clip, Norm) and monitor.clip.norm_type == 2.0
-        ):
-            raise RuntimeError(
-                f"GradWatchCallback(clip={monitor.clip!r}) cannot clip the still-scaled gradients of "
-                f"{type(getattr(optimizer, '_optimizer', optimizer)).__name__}, which unscales inside its own step "
-                "(a fused optimizer under AMP). Use clip=gw.clip.Norm(max_norm) or an optimizer with fused=False."
-            )
         monitor.follow_step(int(trainer.global_step))
-        monitor._external_inv_scale = inv_scale
-        try:
-            self.last_report = monitor.step()
-        finally:
-            monitor._external_inv_scale = None
+        self.last_report = monitor._step_from(getattr(optimizer, "_optimizer", optimizer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Emit pending alerts and close the sinks."""

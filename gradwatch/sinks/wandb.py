@@ -11,7 +11,7 @@ from gradwatch._checks import check_choice, check_int
 from gradwatch.alerts import Alert
 from gradwatch.errors import GradWatchWarning
 from gradwatch.sinks._heatmap import NormHistory, render_heatmap
-from gradwatch.sinks._text import alert_text, alert_title
+from gradwatch.sinks._text import TITLE_MAX, alert_text, alert_title
 from gradwatch.sinks.base import is_rank_zero
 
 log = logging.getLogger("gradwatch")
@@ -41,7 +41,8 @@ class Wandb:
       under 64 characters such as ``"gradwatch: vanishing gradients in encoder.3"``, and a text
       with the message, step, figure and ranked remedies. W&B rate-limits identical titles
       (``wait_duration``); gradwatch's own de-duplication already decided which alerts to send,
-      so the wait is kept short. Every alert is also a row of the ``gradwatch/alerts`` table
+      so the wait is kept short; two alerts with the same title at the same step get a number
+      (``"... in net.0 (2)"``) so that W&B keeps both. Every alert is also a row of the ``gradwatch/alerts`` table
       logged when the sink closes.
     * Every ``chart_every`` steps (and at close) a heatmap image of log10 per-layer gradient
       norms over the logging steps (``gradwatch/grad_norm_heatmap``): one pixel row per layer, so
@@ -115,6 +116,7 @@ class Wandb:
         self._defined: set[str] = set()
         self._history = NormHistory(chart_history)
         self._logged_alerts: list[Alert] = []
+        self._titles: dict[tuple[str, int], int] = {}
         self._last_chart: int | None = None
         self._last_step: int | None = None
         self._chart_ok = chart_every != 0
@@ -198,8 +200,20 @@ class Wandb:
         level = _SEVERITY_LEVEL.get(alert.severity, "WARN")
         if ALERT_LEVELS.index(level) < ALERT_LEVELS.index(self.alert_level):
             return
+        title = alert_title(alert)
+        # Two conditions can share a title at the same step (e.g. the depth profile and the
+        # gradient-to-weight ratio both finding vanishing gradients in one layer); W&B would drop
+        # the second as a repeat within ``wait_duration``, so it gets a number.
+        if any(step != alert.step for _, step in self._titles):
+            self._titles.clear()  # only titles of the current step matter
+        key = (title, alert.step)
+        n = self._titles.get(key, 0) + 1
+        self._titles[key] = n
+        if n > 1:
+            suffix = f" ({n})"
+            title = title[: TITLE_MAX - len(suffix)] + suffix
         self.run.alert(
-            title=alert_title(alert),
+            title=title,
             text=alert_text(alert),
             level=level,
             wait_duration=self.wait_duration,
