@@ -28,6 +28,8 @@ from gradwatch.stats import Gathered, GradStats
 if TYPE_CHECKING:
     from gradwatch.layers import Layer
 
+__all__ = ["AGC", "ClipResult", "Clipper", "Norm", "Percentile", "Value", "ZScore"]
+
 _EPS = 1e-6  # as clip_grad_norm_: keeps the coefficient finite for an all-zero gradient
 
 
