@@ -46,11 +46,11 @@ class Alert:
 class AlertLog:
     """Bounded record of alerts with de-duplication of persisting conditions.
 
-    A condition is identified by ``(kind, source)``, where ``source`` names the check that
-    fired (e.g. ``"depth"`` or ``"ratio"``). The first occurrence is emitted; later ones are
-    suppressed until ``remind_every`` steps have passed, when one reminder is emitted that says
-    how often the condition was seen meanwhile. W&B rate-limits identical alert titles, so this
-    is what decides what reaches it.
+    A condition is identified by its ``kind``: the depth profile and the per-layer ratio may both
+    see the same vanishing gradients, and the user needs one alert, not two. The first
+    occurrence is emitted; later ones of that kind are suppressed until ``remind_every`` steps
+    have passed, when one reminder is emitted that says how often the condition was seen
+    meanwhile. W&B rate-limits identical alert titles, so this is what decides what reaches it.
     """
 
     def __init__(self, remind_every: int = 500, maxlen: int = 1000) -> None:
@@ -60,8 +60,11 @@ class AlertLog:
         self._suppressed: dict[tuple[str, str], int] = {}
 
     def admit(self, alert: Alert, source: str) -> Alert | None:
-        """Return the alert to emit (possibly reworded as a reminder) or ``None`` to suppress it."""
-        key = (alert.kind, source)
+        """Return the alert to emit (possibly reworded as a reminder) or ``None`` to suppress it.
+
+        ``source`` (the check that fired) is kept for the record; de-duplication is per kind.
+        """
+        key = (alert.kind, "")
         last = self._last_emitted.get(key)
         if last is not None and alert.step - last < self.remind_every:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
