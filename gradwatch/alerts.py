@@ -58,6 +58,7 @@ class AlertLog:
         self.alerts: deque[Alert] = deque(maxlen=maxlen)
         self._last_emitted: dict[tuple[str, str], int] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
+        self._last_seen: dict[tuple[str, str], int] = {}
 
     def admit(self, alert: Alert, source: str) -> Alert | None:
         """Return the alert to emit (possibly reworded as a reminder) or ``None`` to suppress it.
@@ -67,7 +68,10 @@ class AlertLog:
         key = (alert.kind, "")
         last = self._last_emitted.get(key)
         if last is not None and alert.step - last < self.remind_every:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            # Count steps, not findings: two checks seeing one condition at one step count once.
+            if self._last_seen.get(key) != alert.step:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            self._last_seen[key] = alert.step
             return None
         seen = self._suppressed.pop(key, 0)
         if last is not None:
@@ -76,6 +80,7 @@ class AlertLog:
                 message=f"{alert.message} (still present: seen {seen} more time(s) since step {last})",
             )
         self._last_emitted[key] = alert.step
+        self._last_seen[key] = alert.step
         self.alerts.append(alert)
         return alert
 
@@ -84,6 +89,7 @@ class AlertLog:
         return {
             "last_emitted": [[k[0], k[1], v] for k, v in self._last_emitted.items()],
             "suppressed": [[k[0], k[1], v] for k, v in self._suppressed.items()],
+            "last_seen": [[k[0], k[1], v] for k, v in self._last_seen.items()],
             "alerts": [a.to_dict() for a in self.alerts],
         }
 
@@ -91,6 +97,7 @@ class AlertLog:
         """Restore what :meth:`state_dict` returned."""
         self._last_emitted = {(k, s): int(v) for k, s, v in state.get("last_emitted", [])}
         self._suppressed = {(k, s): int(v) for k, s, v in state.get("suppressed", [])}
+        self._last_seen = {(k, s): int(v) for k, s, v in state.get("last_seen", [])}
         self.alerts.clear()
         for d in state.get("alerts", []):
             self.alerts.append(Alert(**{**d, "remedies": tuple(d["remedies"])}))
