@@ -296,3 +296,43 @@ def test_callback_is_accepted_by_both_trainers():
 
     cb = GradWatchCallback()
     assert isinstance(cb, lp.Callback) and isinstance(cb, ptl.Callback)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_one_record_per_optimizer_step_from_rank_zero(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gradwatch.sinks import read_jsonl
+
+    script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world_size"] for s in seen] == [2, 2]
+    # DDP averaged the gradients: both ranks saw the same norms, 8 micro-batches / 2 = 4 optimizer steps
+    assert [s for s, _ in seen[0]["seen"]] == [0, 1, 2, 3]
+    assert [n for _, n in seen[0]["seen"]] == pytest.approx([n for _, n in seen[1]["seen"]], rel=1e-6)
+    # only rank 0 called the sinks: one record per optimizer step
+    assert not (tmp_path / "sink_rank1.jsonl").exists()
+    sink = [json.loads(line) for line in (tmp_path / "sink_rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sink] == [0, 1, 2, 3]
+    assert [r["grad_norm/total"] for r in sink] == pytest.approx([n for _, n in seen[0]["seen"]], rel=1e-5)
+    records = read_jsonl(tmp_path / "gw.jsonl")
+    assert [r["type"] for r in records] == ["meta"] + ["metrics"] * 4
+    assert [r["step"] for r in records[1:]] == [0, 1, 2, 3]
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("grad_norm/total")] == [0, 1, 2, 3]
