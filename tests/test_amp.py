@@ -201,3 +201,36 @@ def test_disabled_scaler_changes_nothing() -> None:
     m = mon.step().metrics
     assert m["grad_norm/total"] == pytest.approx(layer_norms(model)["total"], rel=1e-6)
     assert math.isnan(m["amp/scale"]) and m["amp/overflow_steps"] == 0.0
+
+
+@pytest.mark.parametrize("pass_scaler", [True, False], ids=["scaler", "no_scaler"])
+def test_fused_optimizer_sees_scaled_gradients_in_its_pre_hook(pass_scaler: bool) -> None:
+    # Optimizers with built-in AMP support (fused Adam) get still-scaled gradients from scaler.step:
+    # the pre-hook runs at stage READY, so with scaler= gradwatch divides by the scale itself.
+    model, _, data = setup()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu")
+    mon = gw.watch(model, opt, sinks=[], log_every=1, on_alert="ignore", scaler=scaler if pass_scaler else None)
+    true = []
+    for k in range(6):
+        x, y = data[k]
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        if k == 3 and pass_scaler:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # the fused kernel unscales p.grad in place
+        true.append(layer_norms(model))
+        scaler.update()
+    ratio = 1.0 if pass_scaler else 65536.0
+    for k, (rec, ref) in enumerate(zip(mon.history, true)):
+        if k == 3 and pass_scaler:
+            assert math.isnan(rec["grad_norm/total"])  # the overflow step, seen and left to the scaler
+            continue
+        assert rec["grad_norm/total"] == pytest.approx(ref["total"] * ratio, rel=1e-3), k
+    if pass_scaler:
+        assert [r["amp/overflow_steps"] for r in mon.history] == [0.0] * 3 + [1.0] * 3
+        assert mon.alerts == []
+        assert all(torch.isfinite(p).all() for p in model.parameters())
