@@ -86,6 +86,7 @@ def _fans(w: torch.Tensor) -> tuple[int, int]:
 def inspect_model(model: nn.Module) -> ModelFacts:
     """Read the architecture facts of ``model`` (once, at construction)."""
     f = ModelFacts()
+    weights: list[tuple[str, torch.Tensor]] = []
     for name, m in model.named_modules():
         label = name or type(m).__name__
         if isinstance(m, SIGMOID_TYPES):
@@ -108,7 +109,10 @@ def inspect_model(model: nn.Module) -> ModelFacts:
             f.has_residual = True
         if isinstance(m, _WEIGHT_TYPES) and m.weight is not None and m.weight.dim() >= 2:
             f.weight_layers.append(label)
-            _check_init(f, label, m.weight.detach())
+            weights.append((label, m.weight.detach()))
+    # After the scan: the fitting init scheme depends on every activation in the model.
+    for label, w in weights:
+        _check_init(f, label, w)
     return f
 
 
