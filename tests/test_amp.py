@@ -234,3 +234,37 @@ def test_fused_optimizer_sees_scaled_gradients_in_its_pre_hook(pass_scaler: bool
         assert [r["amp/overflow_steps"] for r in mon.history] == [0.0] * 3 + [1.0] * 3
         assert mon.alerts == []
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_readback_on_non_logging_steps_with_a_scaler(mode: str) -> None:
+    # With scaler=, inf/NaN belong to the scaler, so even the default on_nonfinite="skip" needs no
+    # host sync: non-logging steps read nothing back, logging steps one stacked transfer.
+    from test_clip import count_readbacks
+
+    model, _, data = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # Adam's own step reads its step counts back
+    scaler = torch.amp.GradScaler("cpu")
+    kw = {"sinks": [], "log_every": 4, "on_alert": "ignore", "scaler": scaler, "clip": gw.clip.ZScore(warmup=2)}
+    mon = gw.watch(model, opt, **kw) if mode == "attach" else gw.GradWatch(model, **kw)
+    per_step = []
+    for k in range(9):
+        x, y = data[k]
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        if mode == "unscale_then_step":
+            scaler.unscale_(opt)
+        if mode == "attach":
+            scaler.unscale_(opt)  # GradScaler's own step reads found_inf back (.item()): keep it out of the count
+        with count_readbacks() as calls:
+            if mode == "attach":
+                opt.step()  # runs the monitor in the pre-hook
+            else:
+                mon.step()
+        per_step.append(calls)
+        if mode != "attach":
+            scaler.step(opt)
+        scaler.update()
+    assert per_step == [["tolist"] if k % 4 == 0 else [] for k in range(9)]

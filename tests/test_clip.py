@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -270,6 +271,57 @@ def test_percentile_rejects_state_of_other_history() -> None:
     drive(a, [1.0, 2.0], nan_at=None)
     with pytest.raises(ValueError, match=r"holds a history of \(5,\) norms but this Percentile keeps history=6"):
         gw.clip.Percentile(history=6).load_state_dict(a.state_dict())
+
+
+# ------------------------------------------------------------------------------ host syncs
+_READBACK = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+
+
+@contextlib.contextmanager
+def count_readbacks():
+    """Count calls of the Tensor methods that read a value back to the host."""
+    calls: list[str] = []
+    originals = {m: getattr(torch.Tensor, m) for m in _READBACK}
+
+    def wrap(name):
+        orig = originals[name]
+
+        def counted(self, *a, **k):
+            calls.append(name)
+            return orig(self, *a, **k)
+
+        return counted
+
+    for m in _READBACK:
+        setattr(torch.Tensor, m, wrap(m))
+    try:
+        yield calls
+    finally:
+        for m, orig in originals.items():
+            setattr(torch.Tensor, m, orig)
+
+
+CLIPPERS = {
+    "norm": lambda: gw.clip.Norm(0.05),
+    "norm_l1": lambda: gw.clip.Norm(0.05, norm_type=1.0),
+    "value": lambda: gw.clip.Value(1e-3),
+    "agc": lambda: gw.clip.AGC(exclude=["head"], exclude_1d=True),
+    "zscore": lambda: gw.clip.ZScore(warmup=3),
+    "percentile": lambda: gw.clip.Percentile(),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIPPERS))
+def test_clippers_never_read_back_on_non_logging_steps(name: str) -> None:
+    model = make()
+    mon = gw.GradWatch(model, clip=CLIPPERS[name](), sinks=[], on_nonfinite="warn", log_every=4)
+    per_step = []
+    for k in range(9):
+        set_grads(model, torch.Generator().manual_seed(k), scale=1.0 + 20.0 * (k == 6))
+        with count_readbacks() as calls:
+            mon.step()
+        per_step.append(calls)
+    assert per_step == [["tolist"] if k % 4 == 0 else [] for k in range(9)]
 
 
 # ------------------------------------------------------------------------------ arguments
