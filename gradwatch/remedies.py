@@ -222,6 +222,10 @@ def remedies_for(kind: str, facts: ModelFacts, *, typical_norm: float | None = N
             out.append(rnn_fix)
         out.append(_clip_remedy(typical_norm))
         out.append("Lower the learning rate, or add a warm-up: large updates feed larger gradients.")
+        out.append(
+            "Check the loss scale: normalise inputs and regression targets to unit variance (a target of ~1000 "
+            "makes MSE gradients ~1000x larger)."
+        )
         if not facts.norms and facts.weight_layers:
             out.append(norm_fix)
         if facts.deep_plain:
