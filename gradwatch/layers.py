@@ -73,7 +73,8 @@ def discover_layers(model: nn.Module, granularity: str) -> list[Layer]:
     return layers
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller (``False`` on torch < 2.3)."""
     fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
     return bool(fn()) if fn is not None else False
 
@@ -119,7 +120,7 @@ class ForwardOrderRecorder:
         traced = seen_by_compiler
 
         def hook(module: nn.Module, args: object) -> None:
-            if _is_compiling():
+            if is_compiling():
                 traced()
             else:
                 seen_eagerly()

@@ -24,7 +24,15 @@ from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
 from gradwatch.distributed import is_distributed
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
-from gradwatch.layers import GRANULARITIES, ForwardOrderRecorder, Layer, discover_layers, numel, unwrap_model
+from gradwatch.layers import (
+    GRANULARITIES,
+    ForwardOrderRecorder,
+    Layer,
+    discover_layers,
+    is_compiling,
+    numel,
+    unwrap_model,
+)
 from gradwatch.remedies import inspect_model, remedies_for
 from gradwatch.sinks.base import Sink, SinkSet, is_rank_zero
 from gradwatch.sinks.console import Console
@@ -222,6 +230,8 @@ class GradWatch:
         ref = weakref.ref(self)
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if is_compiling():  # a compiled optimizer.step: run gradwatch eagerly, outside the graph
+                return torch.compiler.disable(hook)(opt, args, kwargs)
             monitor = ref()
             if monitor is not None and not monitor._closed:
                 monitor._step_from(opt)
@@ -242,6 +252,8 @@ class GradWatch:
         known: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if is_compiling():  # a compiled optimizer.step: run gradwatch eagerly, outside the graph
+                return torch.compiler.disable(hook)(opt, args, kwargs)
             monitor = ref()
             if monitor is None or monitor._closed:
                 return
@@ -271,6 +283,8 @@ class GradWatch:
             NonFiniteGradientError: with ``on_nonfinite="raise"`` and NaN/Inf gradients.
             GradWatchAlertError: with ``on_alert="raise"`` when an alert is emitted.
         """
+        if is_compiling():  # called from torch.compile'd code: run eagerly, outside the graph
+            return torch.compiler.disable(self.step)()
         self._check_open()
         if self._collector is None:
             self._bind()
