@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,19 @@ class WandbRun:
     exit_code: int | None = None
 
 
-def read_run(path: str | Path) -> WandbRun:
-    """Decode the history, alerts, summary and config records of a ``.wandb`` file."""
+def read_run(path: str | Path, wait: float = 20.0) -> WandbRun:
+    """Decode the history, alerts, summary and config records of a ``.wandb`` file.
+
+    ``run.finish()`` can return a moment before wandb's writer has appended the last records:
+    wait up to ``wait`` seconds for the ``exit`` record.
+    """
+    deadline = time.monotonic() + wait
+    records = read_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        records = read_records(path)
     run = WandbRun()
-    for rec in read_records(path):
+    for rec in records:
         which = rec.WhichOneof("record_type")
         if which == "history":
             row: dict[str, Any] = {}
