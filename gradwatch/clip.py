@@ -222,6 +222,8 @@ class AGC:
         return (self._excluded is not None and id(p) in self._excluded) or (self.exclude_1d and p.dim() <= 1)
 
     def clip_(self, gathered: Gathered, stats: GradStats) -> ClipResult:
+        if self.exclude and self._excluded is None:
+            raise RuntimeError("AGC(exclude=...) needs the layer names: use it through GradWatch(clip=...)")
         dev = stats.total_norm.device
         mins = [torch.ones((), device=dev)]
         with torch.no_grad():

@@ -62,10 +62,18 @@ def test_norm_matches_clip_grad_norm(norm_type: float, max_norm: float) -> None:
     set_grads(model, gen)
     for p, q in zip(model.parameters(), ref.parameters()):
         q.grad = p.grad.clone()
+    g64 = grads64(model)
+    flat = torch.cat([g.reshape(-1) for g in g64])
+    if math.isinf(norm_type):
+        norm64 = float(flat.abs().max())
+    else:
+        norm64 = float((flat.abs() ** norm_type).sum() ** (1 / norm_type))
+    expected = [g * min(1.0, max_norm / (norm64 + 1e-6)) for g in g64]  # the formula, in float64
     before = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type=norm_type)
     _, report = run_step(model, gw.clip.Norm(max_norm, norm_type=norm_type))
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert_grads(model, expected)
     m = report.metrics
     assert m["clip/threshold"] == pytest.approx(max_norm)
     assert m["clip/coef"] == pytest.approx(min(1.0, max_norm / (before.item() + 1e-6)), rel=1e-6)
@@ -91,10 +99,13 @@ def test_value_matches_clip_grad_value() -> None:
     for p, q in zip(model.parameters(), ref.parameters()):
         q.grad = p.grad.clone()
     gmax = max(float(p.grad.abs().max()) for p in model.parameters())
+    expected = [g.clamp(-0.01, 0.01) for g in grads64(model)]
     torch.nn.utils.clip_grad_value_(ref.parameters(), 0.01)
     _, report = run_step(model, gw.clip.Value(0.01))
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad)
+    assert_grads(model, expected)
+    assert max(float(p.grad.abs().max()) for p in model.parameters()) == pytest.approx(0.01)
     assert report.metrics["clip/threshold"] == pytest.approx(0.01)
     assert report.metrics["clip/coef"] == pytest.approx(0.01 / gmax, rel=1e-6)
 
