@@ -69,8 +69,7 @@ def render_heatmap(history: NormHistory, title: str = "per-layer gradient norm (
     fig = Figure(figsize=(10, height), dpi=80)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#cccccc")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#cccccc")
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap)
     if bad.any():
         overlay = np.where(bad, 1.0, np.nan)
