@@ -96,3 +96,46 @@ def test_state_dict_before_the_first_step_round_trips() -> None:
     _, _, b = build("zscore")
     b.load_state_dict(state)
     assert b.step_count == 0
+
+
+def test_amp_overflow_run_across_a_checkpoint(tmp_path: Path) -> None:
+    """10 overflow skips before the checkpoint and 6 after make one run of 16: one alert, as uninterrupted."""
+    overflow = set(range(40, 56))
+
+    def amp_build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu")
+        return model, opt, scaler, gw.GradWatch(model, sinks=[], log_every=5, on_alert="ignore", scaler=scaler)
+
+    def amp_train(model, opt, scaler, mon, steps):
+        for k in steps:
+            x, y = batch(k)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.mse_loss(model(x[:, :8]).float(), y)
+            if k in overflow:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            mon.step()
+            scaler.step(opt)
+            scaler.update()
+
+    full = amp_build()
+    amp_train(*full, range(70))
+    first = amp_build()
+    amp_train(*first, range(50))
+    ckpt = tmp_path / "amp.pt"
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "scaler": first[2].state_dict(),
+                "gradwatch": first[3].state_dict()}, ckpt)
+    state = torch.load(ckpt)
+    model, opt, scaler, mon = amp_build()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    scaler.load_state_dict(state["scaler"])
+    mon.load_state_dict(state["gradwatch"])
+    amp_train(model, opt, scaler, mon, range(50, 70))
+    assert [(a.kind, a.step, a.value) for a in full[3].alerts] == [("nonfinite", 55, 16.0)]
+    assert mon.alerts == full[3].alerts
+    assert mon.history[-1]["amp/overflow_steps"] == full[3].history[-1]["amp/overflow_steps"] == 16.0
