@@ -78,7 +78,7 @@ def _printer(trainer: Any) -> Any:
     # The progress bar's ``print`` writes above the bar instead of tearing it.
     bar = getattr(trainer, "progress_bar_callback", None)
     if bar is not None and callable(getattr(bar, "print", None)):
-        return bar.print
+        return bar.print  # TQDM writes above the bar; Rich's live display captures print()
     return None
 
 
