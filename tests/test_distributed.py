@@ -9,7 +9,6 @@ the same global batches.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(SCRIPTS))
 import dist_common as C  # noqa: E402
 
 TIMEOUT_S = 240
-LAYERS = ["0", "2", "4"]
+LAYERS = C.LAYERS
 DDP_STEPS, DDP_NAN_STEP, DDP_LOG_EVERY = 6, 3, 2
 FSDP_STEPS, FSDP_NAN_STEP, FSDP_LOG_EVERY, MAX_NORM = 4, 1, 2, 0.05
 
@@ -62,37 +61,8 @@ def ranks(d: Path) -> list[dict[str, Any]]:
     return [json.loads((d / f"rank{r}.json").read_text()) for r in range(C.WORLD)]
 
 
-# ---------------------------------------------------------------- float64 reference
-def reference(steps: int, *, max_norm: float | None = None, skip: tuple[int, ...] = ()) -> list[dict[str, Any]]:
-    """Train the unsharded model on the global batches in float64: per step, the per-layer
-    statistics of the gradients (pre-clip) and the weights after the optimizer step."""
-    model = C.make_model().double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = []
-    for step in range(steps):
-        x, y = C.batch(step)
-        C.loss_fn(model(x.double()), y.double()).backward()
-        m: dict[str, float] = {}
-        total_sq = 0.0
-        for name in LAYERS:
-            mod = model.get_submodule(name)
-            grads = [p.grad.reshape(-1) for p in mod.parameters()]
-            g = torch.cat(grads)
-            w = torch.cat([p.detach().reshape(-1) for p in mod.parameters()])
-            m[f"grad_norm/{name}"] = g.norm().item()
-            m[f"grad_max/{name}"] = g.abs().max().item()
-            m[f"param_norm/{name}"] = w.norm().item()
-            total_sq += g.pow(2).sum().item()
-        m["grad_norm/total"] = math.sqrt(total_sq)
-        if step in skip:
-            opt.zero_grad(set_to_none=True)
-        elif max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            m["grad_norm_clipped/total"] = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.append({"metrics": m, "weights": [v for p in model.parameters() for v in p.detach().reshape(-1).tolist()]})
-    return out
+# ---------------------------------------------------------------- helpers
+reference = C.reference
 
 
 def assert_close(got: float, want: float, rel: float = 1e-5, abs_: float = 1e-7, what: str = "") -> None:

@@ -7,6 +7,7 @@ of what the ranks computed together.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -19,6 +20,9 @@ from torch import nn
 WORLD = 2
 GLOBAL_BATCH = 8
 IN_FEATURES = 16
+
+
+LAYERS = ["0", "2", "4"]
 
 
 def free_port() -> int:
@@ -111,6 +115,41 @@ def flat_params(model: nn.Module) -> list[float]:
     for p in model.parameters():
         t = p.full_tensor() if hasattr(p, "full_tensor") else p
         out += t.detach().reshape(-1).tolist()
+    return out
+
+
+def reference(
+    steps: int, *, max_norm: float | None = None, skip: tuple[int, ...] = (), prefix: str = ""
+) -> list[dict[str, Any]]:
+    """Train the unsharded model on the global batches in float64: per step, the per-layer
+    statistics of the gradients (pre-clip) and the weights after the optimizer step."""
+    model = make_model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = []
+    for step in range(steps):
+        x, y = batch(step)
+        loss_fn(model(x.double()), y.double()).backward()
+        m: dict[str, float] = {}
+        total_sq = 0.0
+        for name in LAYERS:
+            mod = model.get_submodule(name)
+            key = prefix + name
+            grads = [p.grad.reshape(-1) for p in mod.parameters()]
+            g = torch.cat(grads)
+            w = torch.cat([p.detach().reshape(-1) for p in mod.parameters()])
+            m[f"grad_norm/{key}"] = g.norm().item()
+            m[f"grad_max/{key}"] = g.abs().max().item()
+            m[f"param_norm/{key}"] = w.norm().item()
+            total_sq += g.pow(2).sum().item()
+        m["grad_norm/total"] = math.sqrt(total_sq)
+        if step in skip:
+            opt.zero_grad(set_to_none=True)
+        elif max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            m["grad_norm_clipped/total"] = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append({"metrics": m, "weights": [v for p in model.parameters() for v in p.detach().reshape(-1).tolist()]})
     return out
 
 
