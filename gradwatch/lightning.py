@@ -74,6 +74,17 @@ def _scaler(trainer: Any) -> Any:
     return scaler if isinstance(scaler, torch.amp.GradScaler) else None
 
 
+def _stable(value: Any) -> Any:
+    """A representation of an option that is the same in every process (no memory addresses)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(_stable(v)) for v in value) + "]"
+    if type(value).__repr__ is object.__repr__:
+        return type(value).__qualname__
+    return repr(value)
+
+
 def _printer(trainer: Any) -> Any:
     # The progress bar's ``print`` writes above the bar instead of tearing it.
     bar = getattr(trainer, "progress_bar_callback", None)
@@ -150,11 +161,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     @property
     def state_key(self) -> str:
         """Checkpoint key built from the configuration (two differently configured callbacks can share a checkpoint)."""
-        config = {
-            k: (repr(v) if not isinstance(v, (str, int, float, bool, type(None))) else v)
-            for k, v in sorted(self.options.items())
-            if k not in ("sinks", "on_alert")
-        }
+        config = {k: _stable(v) for k, v in sorted(self.options.items()) if k not in ("sinks", "on_alert")}
         return self._generate_state_key(**config)
 
     def _build_sinks(self, trainer: Any) -> list[Sink]:

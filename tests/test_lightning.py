@@ -168,6 +168,10 @@ def test_state_key_comes_from_the_configuration():
     assert a.state_key == b.state_key
     assert a.state_key != c.state_key
     assert a.state_key == "GradWatchCallback{'clip': 'Norm(max_norm=1, norm_type=2)', 'log_every': 5}"
+    # detectors without a __repr__ are named by class, so the key is the same in a new process
+    d1 = GradWatchCallback(detectors=[gw.Vanishing(), gw.Spike()])
+    d2 = GradWatchCallback(detectors=[gw.Vanishing(), gw.Spike()])
+    assert d1.state_key == d2.state_key == "GradWatchCallback{'detectors': '[Vanishing, Spike]'}"
 
 
 def test_several_optimizers_one_record_per_optimizer_step(pl):
