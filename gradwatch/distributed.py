@@ -147,3 +147,19 @@ def global_norm(groups: list[tuple[list[Tensor], ReduceKey]], norm_type: float, 
         return torch.zeros((), device=device)
     p = torch.stack(parts)
     return p.max() if inf else p.sum().pow(1.0 / norm_type)
+
+
+FSDP1_MESSAGE = (
+    "gradwatch: this model has parameters flattened by FullyShardedDataParallel (FSDP1). Its gradients "
+    "are flat views of this rank's shard, which gradwatch cannot attribute to layers, so the per-layer "
+    "and total norms it reports are this rank's part only, not global. Shard with FSDP2 instead "
+    "(torch.distributed.fsdp.fully_shard; in Lightning, ModelParallelStrategy): its DTensor gradients "
+    "give global norms."
+)
+
+
+def fsdp1_message(params: list[Tensor]) -> str | None:
+    """The warning to give when ``params`` are managed by FSDP1 in a distributed run, else ``None``."""
+    if is_distributed() and any(getattr(p, "_fsdp_flattened", False) for p in params):
+        return FSDP1_MESSAGE
+    return None

@@ -22,7 +22,7 @@ from gradwatch.alerts import Alert, AlertLog
 from gradwatch.amp import AmpWatch, check_scaler
 from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
-from gradwatch.distributed import is_distributed
+from gradwatch.distributed import fsdp1_message, is_distributed
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
 from gradwatch.layers import (
     GRANULARITIES,
@@ -442,6 +442,10 @@ class GradWatch:
         if self._order.active:
             self._layers = self._order.finish(self._layers)
         self._collector = StatsCollector(self._layers)
+        fsdp1 = fsdp1_message([p for x in self._layers for p in x.params])
+        if fsdp1 is not None and is_rank_zero():
+            log.warning(fsdp1)
+            warnings.warn(fsdp1, GradWatchWarning, stacklevel=3)
         dev = self._collector.device
         self._step_t = torch.tensor(float(self._step), device=dev)
         act_names = self._tracker.names if self._tracker else []

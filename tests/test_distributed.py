@@ -142,6 +142,15 @@ def test_ddp_nan_on_one_rank_skips_the_step_on_both(jobs: dict[str, Path]) -> No
     assert rec["metrics"]["skipped_steps"] == 1.0
 
 
+def test_fsdp1_flattened_parameters_are_warned_about_on_rank0(jobs: dict[str, Path]) -> None:
+    from gradwatch.distributed import FSDP1_MESSAGE
+
+    r0, r1 = ranks(jobs["ddp"])
+    assert r0["fsdp1_warnings"] == [FSDP1_MESSAGE]
+    assert r1["fsdp1_warnings"] == []
+    assert FSDP1_MESSAGE.startswith("gradwatch: this model has parameters flattened by FullyShardedDataParallel")
+
+
 # ---------------------------------------------------------------- FSDP2
 def test_fsdp_local_shards_are_uneven_and_empty(jobs: dict[str, Path]) -> None:
     r0, r1 = ranks(jobs["fsdp"])

@@ -9,6 +9,7 @@ Three runs, each on the deterministic batches of ``dist_common``:
 * ``warn``: ``on_nonfinite="warn"``: no collective at all.
 * ``nan``: a NaN is written into rank 1's gradient at step 3 after DDP's all-reduce; both ranks
   must skip that step and keep equal, finite weights.
+* ``fsdp1_warnings``: parameters flattened by FSDP1 get a warning (rank 0) that norms are local.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -72,6 +74,24 @@ def _train(rank: int, monitor_kw: dict[str, Any], nan_step: int | None = None) -
     }
 
 
+def _fsdp1_warnings() -> list[str]:
+    # FSDP1 cannot run on CPU ("FSDP needs a non-CPU accelerator device"); mark the parameters
+    # the way FullyShardedDataParallel's FlatParameter does, with torch's own helper.
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    model = C.make_model()
+    for p in model.parameters():
+        _set_fsdp_flattened(p)
+    monitor = gw.GradWatch(model, sinks=[])
+    x, y = C.batch(0)
+    C.loss_fn(model(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.step()
+    monitor.close()
+    return [str(w.message) for w in caught if issubclass(w.category, gw.GradWatchWarning)]
+
+
 def worker(rank: int, out_dir: str) -> dict[str, Any]:
     jsonl = os.path.join(out_dir, "ddp.jsonl")
     return {
@@ -83,6 +103,7 @@ def worker(rank: int, out_dir: str) -> dict[str, Any]:
             {"sinks": [gw.sinks.JSONL(os.path.join(out_dir, "nan.jsonl"))], "log_every": 100, "on_alert": "ignore"},
             nan_step=NAN_STEP,
         ),
+        "fsdp1_warnings": _fsdp1_warnings(),
     }
 
 
