@@ -86,7 +86,8 @@ def test_nan_step_is_skipped_and_leaves_weights_unchanged(pl, opt):
     torch.manual_seed(0)
     module = make_module_class(pl)(opt=opt, nan_at=2)
     cb = GradWatchCallback(log_every=1, on_alert="ignore")
-    _, logger = fit(pl, module, cb, batches=5)
+    # with Adam, Lightning's own clipping also runs on the (absent) gradients of the skipped step
+    _, logger = fit(pl, module, cb, batches=5, gradient_clip_val=0.5 if opt == "adam" else None)
     before2, before3, before4 = (module.snapshots[f"before{k}"] for k in (2, 3, 4))
     # global_step still advances past the skipped step (a skipped step counts as a step)
     assert all(torch.equal(a, b) for a, b in zip(before2, before3))
@@ -229,6 +230,20 @@ def test_non_fused_optimizer_under_amp_sees_unscaled_gradients(pl):
     _, logger = fit(pl, module, cb, batches=3, plugins=[precision])
     recs = logger.gradwatch_records()
     assert [m["grad_norm/total"] for _, m in recs] == pytest.approx([n for _, n in module.seen], rel=1e-4)
+
+
+def test_amp_overflow_is_left_to_the_scaler(pl):
+    torch.manual_seed(0)
+    plugins = importlib.import_module(pl.__name__ + ".plugins")
+    module = make_module_class(pl)(opt="adam", lr=1e-3, nan_at=2)
+    cb = GradWatchCallback(log_every=1, on_alert="ignore")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _, logger = fit(pl, module, cb, batches=4, plugins=[plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    b2, b3 = module.snapshots["before2"], module.snapshots["before3"]
+    assert all(torch.equal(a, b) for a, b in zip(b2, b3))  # the scaler skipped the step
+    assert scaler.get_scale() == 512.0  # and halved its scale once
+    assert [a.kind for a in cb.monitor.alerts if a.kind == "nonfinite"] == []  # the scaler doing its job
+    assert [s for s, _ in logger.gradwatch_records()] == [0, 1, 2, 3]
 
 
 def test_sinks_none_writes_to_every_logger(pl, tmp_path):
