@@ -61,7 +61,8 @@ class Wandb:
             (gradwatch severities ``info``/``warning``/``error`` map to them).
         metrics: log the scalar metrics with ``run.log``. ``False`` when another logger already
             sends them (Lightning's ``WandbLogger``); the chart and the table are still logged.
-        chart_every: steps between two heatmaps (``None``: only at close; ``0``: no heatmap).
+        chart_every: steps between two heatmaps (``None``: only at close; ``0``: no heatmap). One
+            render takes ~0.3-0.5 s of CPU (matplotlib), hence the low default rate.
         chart_history: logging steps the heatmap shows (the most recent).
         table: log the table of alerts at close.
         step_key: the x-axis key logged with every record.
@@ -85,7 +86,7 @@ class Wandb:
         alert_level: str = "WARN",
         *,
         metrics: bool = True,
-        chart_every: int | None = 100,
+        chart_every: int | None = 1000,
         chart_history: int = 500,
         table: bool = True,
         step_key: str = "gradwatch/step",
