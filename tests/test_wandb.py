@@ -226,3 +226,19 @@ def test_bad_options_and_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ModuleNotFoundError, match=r"needs the `wandb` package.*pip install wandb"):
         gw.sinks.Wandb()
+
+
+def test_heatmap_without_matplotlib_warns_once_and_keeps_logging(tmp_path, monkeypatch):
+    run = wandb.init(project="gradwatch-test", mode="offline", dir=tmp_path)
+    model = sigmoid_stack()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monitor = gw.GradWatch(model, sinks=[gw.sinks.Wandb(run, chart_every=1)], log_every=1, on_alert="ignore")
+    with pytest.warns(gw.GradWatchWarning) as caught:
+        train(monitor, model, steps=3)
+        monitor.close()
+    run.finish()
+    msgs = [str(w.message) for w in caught if "heatmap" in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].startswith("gradwatch: the W&B gradient-norm heatmap needs matplotlib")
+    data = read_run(find_run_file(tmp_path))
+    assert [r["gradwatch/step"] for r in data.history if "grad_norm/total" in r] == [0, 1, 2]
+    assert not [r for r in data.history if "gradwatch/grad_norm_heatmap" in r]
