@@ -1,14 +1,21 @@
 """Overhead of gradwatch against the bare training loop and against peer tools.
 
-Every configuration ("variant") is timed in the same process as the bare loop, interleaved:
-for each repetition and each variant, a block of the bare loop runs, then a block of the
-variant, on the same model restored to the same initial weights with a fresh optimizer
-(A B A C A D ...; the variant order is shuffled per repetition). A block is ``--warmup``
-untimed steps, then ``--chunks`` timed chunks of ``--chunk`` steps; a chunk's time divided by
-its steps is one sample, so with ``--chunk 10`` every sample holds exactly one gradwatch logging
-step (``log_every=10``) and the logging cost is not hidden by the median. A variant's ratio in
-one repetition is the median of its samples over the median of the bare block's just before
-it; the table shows the median ratio over repetitions (and its range).
+Every configuration ("variant") is timed in the same process as the bare loop, interleaved.
+For each repetition and each variant (in an order shuffled per repetition) the model is restored
+to the same initial weights with a fresh optimizer, ``--warmup`` untimed steps run, then
+``--chunks`` timed chunks of ``--chunk`` steps of the variant alternate with as many chunks of
+the bare loop on the same model (B V V B B V ...: the variant is simply not called during bare
+chunks, and its own step count runs on). Variants that install hooks (``acts``, ``wandb``) cannot
+leave them during bare chunks: they run a bare block and then a block of their own. A chunk's
+time divided by its steps is one sample, so with ``--chunk 10`` every sample holds exactly one
+gradwatch logging step (``log_every=10``) and the logging cost is not hidden by the median.
+Each variant chunk's ratio to the bare chunk it alternated with is one ratio; the table shows
+the median and the quartiles of those ratios over all repetitions.
+
+Two clocks: wall time, and this process's CPU time (``time.process_time``). With one intra-op
+thread (``--threads 1``, the default) the CPU time is the work done, and it is far less
+disturbed by other processes on a shared machine than the wall time; on CUDA only the wall
+time (around ``torch.cuda.synchronize``) means anything.
 
 Variants: ``bare``; gradwatch ``default`` (``log_every=10``), ``every1`` (``log_every=1``),
 ``acts`` (``track_activations=True``), ``agc`` (``clip=gw.clip.AGC()``); each gradwatch
@@ -279,31 +286,81 @@ def train_step(wl: Workload, opt: torch.optim.Optimizer, variant: Variant) -> No
     opt.step()
 
 
+# Variants that install hooks (forward hooks, gradient hooks): their bare chunks cannot run in the
+# same block, so they are timed in a block of their own right after a bare block.
+HOOKED = ("acts", "wandb")
+
+
+def _time_chunk(wl: Workload, opt: torch.optim.Optimizer, variant: Variant, n: int,
+                device: torch.device) -> tuple[float, float]:
+    """Seconds per step of ``n`` steps, by wall clock and by this process's CPU time."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        train_step(wl, opt, variant)
+    _sync(device)
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+
+
 def run_block(
     wl: Workload, variant: Variant, args: argparse.Namespace, device: torch.device
-) -> tuple[dict[str, list[float]], int]:
-    """Warm-up, then ``args.chunks`` chunk samples of seconds per step, by wall clock and by this
-    process's CPU time; also the peak CUDA memory."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
+    """Time the bare loop and ``variant`` in alternating chunks.
+
+    Returns the bare and the variant chunk samples (seconds per step, ``"wall"`` and ``"cpu"``
+    clocks) and the peak CUDA memory of the variant. Variants whose work is one call after
+    backward alternate chunk by chunk on one model (B V V B B V ...): the variant simply is not
+    called during bare chunks, and its own step count, hence its logging cadence, runs on. Hooked
+    variants (:data:`HOOKED`) run a bare block and then their own block.
+    """
+    bare = Variant("bare", variant.tmp)
+    out_b: dict[str, list[float]] = {"wall": [], "cpu": []}
+    out_v: dict[str, list[float]] = {"wall": [], "cpu": []}
+    # Warm-up in whole chunks, so every timed chunk of the variant holds the same logging steps.
+    warm = -(-args.warmup // args.chunk) * args.chunk
+    peak = 0
+
+    def record(out: dict[str, list[float]], t: tuple[float, float]) -> None:
+        out["wall"].append(t[0])
+        out["cpu"].append(t[1])
+
+    if variant.name in HOOKED:
+        opt = wl.reset()
+        for _ in range(warm):
+            train_step(wl, opt, bare)
+        for _ in range(args.chunks):
+            record(out_b, _time_chunk(wl, opt, bare, args.chunk, device))
     opt = wl.reset()
     variant.setup(wl.model)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup):
+        for _ in range(warm):
             train_step(wl, opt, variant)
-        samples: dict[str, list[float]] = {"wall": [], "cpu": []}
-        for _ in range(args.chunks):
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.chunk):
-                train_step(wl, opt, variant)
-            _sync(device)
-            samples["wall"].append((time.perf_counter() - t0) / args.chunk)
-            samples["cpu"].append((time.process_time() - c0) / args.chunk)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+            if variant.name not in HOOKED:
+                train_step(wl, opt, bare)
+        for i in range(args.chunks):
+            if variant.name in HOOKED:
+                record(out_v, _time_chunk(wl, opt, variant, args.chunk, device))
+                continue
+            for who in ((bare, variant) if i % 2 == 0 else (variant, bare)):
+                record(out_b if who is bare else out_v, _time_chunk(wl, opt, who, args.chunk, device))
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
     finally:
         variant.teardown()
-    return samples, peak
+    return out_b, out_v, peak
+
+
+def _bare_peak(wl: Workload, args: argparse.Namespace, device: torch.device) -> int:
+    """Peak CUDA memory of the bare loop alone."""
+    bare = Variant("bare", Path("."))
+    opt = wl.reset()
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup + args.chunk):
+        train_step(wl, opt, bare)
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 @contextlib.contextmanager
@@ -466,27 +523,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res: dict[str, Any] = {"describe": wl.describe, "params": sum(p.numel() for p in wl.model.parameters()),
                                    "variants": {}}
             clocks = ("cpu", "wall")
-            # per variant and clock: the median seconds/step of each block; and the ratio of each
-            # block to the bare block run just before it
+            # per variant and clock: chunk samples (seconds/step), and each chunk's ratio to the bare
+            # chunk it alternated with
             step_s: dict[str, dict[str, list[float]]] = {v: {c: [] for c in clocks} for v in ["bare", *others]}
             ratios: dict[str, dict[str, list[float]]] = {v: {c: [] for c in clocks} for v in others}
-            peaks: dict[str, list[int]] = {v: [] for v in ["bare", *others]}
+            peaks: dict[str, list[int]] = {v: [] for v in others}
             notes: dict[str, str] = {}
             for rep in range(args.reps):
                 order = list(others)
                 random.shuffle(order)
                 for v in order:
-                    base, bpeak = run_block(wl, Variant("bare", tmp), args, device)
                     var = Variant(v, tmp)
-                    got, peak = run_block(wl, var, args, device)
+                    base, got, peak = run_block(wl, var, args, device)
                     if var.note:
                         notes[v] = var.note
                     for c in clocks:
-                        b, x = statistics.median(base[c]), statistics.median(got[c])
-                        step_s["bare"][c].append(b)
-                        step_s[v][c].append(x)
-                        ratios[v][c].append(x / b)
-                    peaks["bare"].append(bpeak)
+                        step_s["bare"][c] += base[c]
+                        step_s[v][c] += got[c]
+                        ratios[v][c] += [x / b for x, b in zip(got[c], base[c])]
                     peaks[v].append(peak)
                 print(f"  [{mname}] repetition {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
             for v in ["bare", *others]:
@@ -497,20 +551,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     entry[f"{c}_step_ms"] = statistics.median(step_s[v][c]) * 1e3
                     r = ratios[v][c] if v != "bare" else [1.0]
                     entry[f"{c}_ratio"] = statistics.median(r)
-                    entry[f"{c}_ratio_min"] = min(r)
-                    entry[f"{c}_ratio_max"] = max(r)
+                    entry[f"{c}_ratio_q25"], entry[f"{c}_ratio_q75"] = _quartiles(r)
                     if v != "bare":
                         entry[f"{c}_ratios"] = r
                 if v in notes:
                     entry["note"] = notes[v]
+                if device.type == "cuda":
+                    entry["peak_mib"] = (max(peaks[v]) if v != "bare" else _bare_peak(wl, args, device)) / 2**20
                 res["variants"][v] = entry
             for v in ["bare", *others]:
                 if v not in res["variants"]:
                     continue
                 entry = res["variants"][v]
-                if device.type == "cuda":
-                    entry["peak_mib"] = max(peaks[v]) / 2**20 if peaks[v] else None
-                elif args.memory:
+                if device.type != "cuda" and args.memory:
                     entry["peak_mib"] = peak_rss(mname, v, args)
                 if args.host_reads:
                     entry["host_reads_per_step"] = host_reads_per_step(wl, Variant(v, tmp), args.chunk)
@@ -519,6 +572,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["models"][mname] = res
             _finish_wandb()
     return results
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -557,7 +617,7 @@ def table(results: dict[str, Any]) -> str:
             label = LABELS[v] + (f" ({e['note']})" if e.get("note") else "")
             cells = [label]
             for c in ("cpu", "wall"):
-                rng = (f"**{e[f'{c}_ratio']:.3f}** [{e[f'{c}_ratio_min']:.3f}, {e[f'{c}_ratio_max']:.3f}]"
+                rng = (f"**{e[f'{c}_ratio']:.3f}** [{e[f'{c}_ratio_q25']:.3f}, {e[f'{c}_ratio_q75']:.3f}]"
                        if v != "bare" else "1")
                 cells += [f"{e[f'{c}_step_ms']:.2f}", rng]
             cells.append(f"{e['peak_mib']:.0f}" if e.get("peak_mib") is not None else "-")
