@@ -123,7 +123,7 @@ class TensorBoard:
                 self._writer.close()
 
     def _histograms(self, metrics: dict[str, float], step: int) -> None:
-        import torch
+        import numpy as np  # a tensorboard dependency; the sink itself needs no torch tensor
 
         for family in HISTOGRAM_FAMILIES:
             prefix = family + "/"
@@ -133,7 +133,7 @@ class TensorBoard:
                 if k.startswith(prefix) and k != prefix + "total" and math.isfinite(v) and v > 0
             ]
             if vals:
-                self.writer.add_histogram(f"layers/{family}_log10", torch.tensor(vals, dtype=torch.float64), step)
+                self.writer.add_histogram(f"layers/{family}_log10", np.asarray(vals, dtype=np.float64), step)
 
     def __repr__(self) -> str:
         return f"TensorBoard(log_dir={self.log_dir!r}, histograms={self.histograms})"
