@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
 import pytest
 import torch
 import wandb
-from lightning_helpers import loader, make_module_class, pl_package, trainer_kwargs
+from lightning_helpers import PACKAGES, loader, make_module_class, pl_package, trainer_kwargs
 from wandb_reader import find_run_file, read_records, read_run
 
 import gradwatch as gw
@@ -155,9 +156,10 @@ def test_sink_starts_and_finishes_its_own_run(tmp_path):
     assert data.exit_code == 0
 
 
-def test_lightning_wandb_logger_gets_metrics_and_alerts(tmp_path):
-    pl = pl_package("lightning.pytorch")
-    from lightning.pytorch.loggers import WandbLogger
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_wandb_logger_gets_metrics_and_alerts(tmp_path, package):
+    pl = pl_package(package)
+    WandbLogger = importlib.import_module(package + ".loggers").WandbLogger
 
     from gradwatch.lightning import GradWatchCallback
 
