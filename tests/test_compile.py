@@ -3,6 +3,8 @@ gradwatch in the compiled graph, and no recompiles caused by gradwatch over 10 s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -176,3 +178,19 @@ def test_step_called_from_compiled_code_runs_eagerly() -> None:
     assert [r.step for r in reports] == list(range(STEPS))
     assert_same_history(list(monitor.history), want)
     monitor.close()
+
+
+def test_gradwatch_itself_never_imports_dynamo() -> None:
+    # Recording the forward order compile-safely must not cost plain runs dynamo's import (seconds).
+    # (torch.optim imports it by itself, so this loop has no optimizer.)
+    code = (
+        "import sys, torch, gradwatch as gw\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))\n"
+        "mon = gw.GradWatch(m, sinks=[], log_every=1, track_activations=True)\n"
+        "for _ in range(2):\n"
+        "    m(torch.ones(1, 2)).sum().backward(); mon.step()\n"
+        "mon.close()\n"
+        "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -198,6 +198,18 @@ def test_fsdp_clipping_to_a_global_threshold_matches_unsharded_clipping(jobs: di
         assert_close(rec["metrics"]["grad_norm_clipped/total"], want["grad_norm_clipped/total"], what="post-clip")
 
 
+def test_fsdp_inf_norm_clipping_uses_the_global_max(jobs: dict[str, Path]) -> None:
+    ref = reference(FSDP_STEPS, max_norm=0.02, norm_type=float("inf"))
+    for step in range(FSDP_STEPS):
+        assert max(v for k, v in ref[step]["metrics"].items() if k.startswith("grad_max/")) > 0.02  # active
+    for r in ranks(jobs["fsdp"]):
+        for step, w in enumerate(r["clip_inf"]["weights"]):
+            assert_weights(w, ref[step]["weights"], f"rank {r['rank']} weights after step {step}")
+        # Sums of squares + the global max for the clip; logging steps add max |g|, parameter
+        # norms and the post-clip norm.
+        assert r["clip_inf"]["collectives"] == [5, 2, 5, 2]
+
+
 def test_fsdp_nan_in_one_local_shard_skips_on_both_ranks(jobs: dict[str, Path]) -> None:
     ref = reference(FSDP_STEPS, skip=(FSDP_NAN_STEP,))
     for r in ranks(jobs["fsdp"]):

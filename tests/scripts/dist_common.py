@@ -119,7 +119,12 @@ def flat_params(model: nn.Module) -> list[float]:
 
 
 def reference(
-    steps: int, *, max_norm: float | None = None, skip: tuple[int, ...] = (), prefix: str = ""
+    steps: int,
+    *,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    skip: tuple[int, ...] = (),
+    prefix: str = "",
 ) -> list[dict[str, Any]]:
     """Train the unsharded model on the global batches in float64: per step, the per-layer
     statistics of the gradients (pre-clip) and the weights after the optimizer step."""
@@ -145,7 +150,7 @@ def reference(
         if step in skip:
             opt.zero_grad(set_to_none=True)
         elif max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
             m["grad_norm_clipped/total"] = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ head that is empty on rank 1. Three runs on the deterministic batches:
 
 * ``stats``: JSONL records (rank 0 writes), the all-reduces of each ``step()`` counted.
 * ``clip``: ``gw.clip.Norm`` with a threshold below the norms, SGD; full weights after each step.
+* ``clip_inf``: ``gw.clip.Norm(norm_type=inf)``: the global max |g| over shards, empty ones included.
 * ``nan``: a NaN in rank 0's local shard of layer ``2`` at step 1: both ranks skip.
 """
 
@@ -27,6 +28,7 @@ import gradwatch as gw  # noqa: E402
 
 STEPS = 4
 MAX_NORM = 0.05
+MAX_INF = 0.02  # below max |g| of every step: the inf-norm clipping is active
 NAN_STEP = 1
 
 
@@ -79,6 +81,7 @@ def worker(rank: int, out_dir: str) -> dict[str, Any]:
             {"sinks": [gw.sinks.JSONL(os.path.join(out_dir, "clip.jsonl"))], "log_every": 1,
              "clip": gw.clip.Norm(MAX_NORM)},
         ),
+        "clip_inf": _train(rank, {"sinks": [], "log_every": 2, "clip": gw.clip.Norm(MAX_INF, norm_type=float("inf"))}),
         "nan": _train(rank, {"sinks": [], "log_every": 100, "on_alert": "ignore"}, nan_step=NAN_STEP),
     }
 
