@@ -59,7 +59,8 @@ def test_residual_structure_is_recognised_by_name_and_builtin_layers():
     assert inspect_model(enc).has_residual
     plain = inspect_model(nn.Sequential(*[_Block() for _ in range(10)]))
     assert not plain.has_residual  # a skip inside forward() is invisible without a telling name
-    assert remedies_for("vanishing", plain)[-1].startswith("Add residual connections (x + f(x)) around blocks of the 10")
+    last = remedies_for("vanishing", plain)[-1]
+    assert last.startswith("Add residual connections (x + f(x)) around blocks of the 10")
 
 
 def test_he_init_relu_net_has_no_init_remedy_and_bn_net_no_norm_remedy():

@@ -66,7 +66,10 @@ class SinkSet:
         except Exception as exc:  # a sink must never stop training
             if id(sink) not in self._warned:
                 self._warned.add(id(sink))
-                msg = f"gradwatch: sink {type(sink).__name__}.{method} failed ({type(exc).__name__}: {exc}); the other sinks keep receiving."
+                msg = (
+                    f"gradwatch: sink {type(sink).__name__}.{method} failed ({type(exc).__name__}: {exc}); "
+                    "the other sinks keep receiving."
+                )
                 log.warning(msg)
                 warnings.warn(msg, GradWatchWarning, stacklevel=3)
 

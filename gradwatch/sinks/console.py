@@ -74,8 +74,9 @@ class Console:
         parts = [f"[gradwatch] step {step}", f"grad_norm {_fmt(metrics.get('grad_norm/total', float('nan')))}"]
         if "clip/coef" in metrics:
             parts.append(f"clip_coef {_fmt(metrics['clip/coef'])}")
+        prefix = "grad_norm/"
         layers = sorted(
-            ((k[len("grad_norm/"):], v) for k, v in metrics.items() if k.startswith("grad_norm/") and k != "grad_norm/total"),
+            ((k[len(prefix) :], v) for k, v in metrics.items() if k.startswith(prefix) and k != "grad_norm/total"),
             key=lambda kv: kv[1],
         )
         if layers and self.top:
