@@ -321,22 +321,29 @@ class ZScore(_Running):
         var <- alpha * var + (1 - alpha) * (g_clipped - mu_new) ** 2
 
     Choose it for long runs (LLM pre-training) where the healthy norm drifts: it clips only
-    statistical outliers relative to the recent norm, with no scale to pick. Non-finite norms
-    leave the state untouched. ``clip/threshold`` is ``inf`` during warm-up.
+    statistical outliers relative to the recent norm, with no scale to pick. It cannot clip
+    before it has statistics: a run that diverges within ``warmup`` steps needs ``max_norm``
+    (ZClip's ``max_grad_norm``), a fixed total-norm bound applied during warm-up only. Non-finite
+    norms leave the state untouched. ``clip/threshold`` is ``max_norm`` (or ``inf``) during warm-up.
 
     Args:
         alpha: EMA decay per step (0.97 is a ~33-step memory).
         z_thresh: z-score above which a step is clipped.
-        warmup: steps that only collect statistics (at least 2, for a variance).
+        warmup: steps that only collect statistics (at least 2, for a variance); their pre-clip
+            norms initialise the EMA.
+        max_norm: clip the total norm to this during warm-up (``None``: no clipping then).
     """
 
     _keys = ("count", "mean", "m2")
 
-    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25) -> None:
+    def __init__(
+        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, *, max_norm: float | None = None
+    ) -> None:
         super().__init__()
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
         self.z_thresh = check_positive("z_thresh", z_thresh)
         self.warmup = check_int("warmup", warmup, 2)
+        self.max_norm = None if max_norm is None else check_positive("max_norm", max_norm)
 
     def _init_state(self, device: torch.device) -> dict[str, Tensor]:
         # m2 is the sum of squared deviations during warm-up (Welford) and the variance afterwards.
@@ -349,10 +356,11 @@ class ZScore(_Running):
         finite = torch.isfinite(g)
         warm = count >= self.warmup
         std = m2.clamp_min(0).sqrt()
-        threshold = torch.where(warm, mean + self.z_thresh * std, torch.full_like(g, math.inf))
-        coef = torch.where(warm & (g > threshold), _safe_coef(threshold, g), torch.ones_like(g))
+        early = math.inf if self.max_norm is None else self.max_norm
+        threshold = torch.where(warm, mean + self.z_thresh * std, torch.full_like(g, early))
+        coef = torch.where(g > threshold, _safe_coef(threshold, g), torch.ones_like(g))
         scale_(gathered, coef)
-        x = torch.minimum(g, threshold)
+        x = torch.where(warm, torch.minimum(g, threshold), g)  # warm-up statistics: the pre-clip norms
         # Warm-up: Welford running mean and sum of squares; the last warm-up step turns m2 into a variance.
         n1 = count + 1
         w_mean = mean + (x - mean) / n1
@@ -366,7 +374,8 @@ class ZScore(_Running):
         return ClipResult(threshold, coef)
 
     def __repr__(self) -> str:
-        return f"ZScore(alpha={self.alpha:g}, z_thresh={self.z_thresh:g}, warmup={self.warmup})"
+        extra = "" if self.max_norm is None else f", max_norm={self.max_norm:g}"
+        return f"ZScore(alpha={self.alpha:g}, z_thresh={self.z_thresh:g}, warmup={self.warmup}{extra})"
 
 
 class Percentile(_Running):

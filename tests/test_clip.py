@@ -183,16 +183,18 @@ def norms_sequence(n: int, seed: int) -> list[float]:
     return m
 
 
-def zscore_reference(norms: list[float], alpha: float, z: float, warmup: int) -> list[tuple[float, float]]:
+def zscore_reference(
+    norms: list[float], alpha: float, z: float, warmup: int, max_norm: float = math.inf
+) -> list[tuple[float, float]]:
     """ZClip, straight from the formulas (float64): (threshold, coef) per step."""
     out, seen, mean, var = [], [], 0.0, 0.0
     for g in norms:
         if not math.isfinite(g):
-            out.append((math.inf if len(seen) < warmup else mean + z * math.sqrt(var), 1.0))
+            out.append((max_norm if len(seen) < warmup else mean + z * math.sqrt(var), 1.0))
             continue
         if len(seen) < warmup:
-            seen.append(g)
-            out.append((math.inf, 1.0))
+            seen.append(g)  # the pre-clip norm
+            out.append((max_norm, max_norm / (g + 1e-6) if g > max_norm else 1.0))
             if len(seen) == warmup:
                 mean = float(np.mean(seen))
                 var = float(np.var(seen))
@@ -237,11 +239,14 @@ def drive(
     return norms, got
 
 
-def test_zscore_matches_reference() -> None:
+@pytest.mark.parametrize("max_norm", [None, 0.3], ids=["no_warmup_clip", "warmup_max_norm"])
+def test_zscore_matches_reference(max_norm: float | None) -> None:
     mults = norms_sequence(80, seed=0)
-    norms, got = drive(gw.clip.ZScore(alpha=0.9, z_thresh=2.0, warmup=10), mults, nan_at=40)
-    expected = zscore_reference(norms, 0.9, 2.0, 10)
-    assert [math.isinf(t) for t, _ in got] == [k < 10 for k in range(80)]
+    mults[4] *= 30.0  # a spike during warm-up
+    norms, got = drive(gw.clip.ZScore(alpha=0.9, z_thresh=2.0, warmup=10, max_norm=max_norm), mults, nan_at=40)
+    expected = zscore_reference(norms, 0.9, 2.0, 10, math.inf if max_norm is None else max_norm)
+    assert [t for t, _ in got[:10]] == [math.inf if max_norm is None else pytest.approx(max_norm)] * 10
+    assert (got[4][1] < 0.1) is (max_norm is not None)
     for k, ((t, c), (et, ec)) in enumerate(zip(got, expected)):
         if math.isfinite(et):
             assert t == pytest.approx(et, rel=1e-5), k
@@ -349,6 +354,7 @@ def test_clippers_never_read_back_on_non_logging_steps(name: str) -> None:
         (lambda: gw.clip.ZScore(alpha=1.0), "`alpha` must be a number strictly between 0.0 and 1.0; got 1.0"),
         (lambda: gw.clip.ZScore(z_thresh=0), "`z_thresh` must be a finite number > 0; got 0"),
         (lambda: gw.clip.ZScore(warmup=1), "`warmup` must be an integer >= 2; got 1"),
+        (lambda: gw.clip.ZScore(max_norm=0.0), "`max_norm` must be a finite number > 0; got 0.0"),
         (
             lambda: gw.clip.Percentile(percentile=100),
             "`percentile` must be a number strictly between 0.0 and 100.0; got 100",
@@ -368,11 +374,13 @@ def test_clippers_are_clippers_and_have_readable_repr() -> None:
     clips = [
         gw.clip.AGC(0.02, exclude=["head"], exclude_1d=True),
         gw.clip.ZScore(),
+        gw.clip.ZScore(max_norm=1.0),
         gw.clip.Percentile(),
     ]
     assert all(isinstance(c, gw.clip.Clipper) for c in clips)
     assert [repr(c) for c in clips] == [
         "AGC(clipping=0.02, eps=0.001, exclude_1d=True, exclude=['head'])",
         "ZScore(alpha=0.97, z_thresh=2.5, warmup=25)",
+        "ZScore(alpha=0.97, z_thresh=2.5, warmup=25, max_norm=1)",
         "Percentile(percentile=10, history=1000)",
     ]
