@@ -354,3 +354,19 @@ def test_benchmark_rejects_unknown_names() -> None:
     bench = _load_benchmark()
     with pytest.raises(ValueError, match=r"`--variants` entries must be one of bare, floor, .*; got 'tensorboard'"):
         bench.run(bench.parse_args(["--tiny", "--variants", "bare,tensorboard"]))
+
+
+def test_gpu_check_runs_or_says_why_not(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("gradwatch_bench_gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if torch.cuda.is_available():  # a GPU machine: the sync assertions themselves, at small sizes
+        assert mod.main(["--syncs-only", "--sync-width", "64", "--sync-depth", "3", "--sync-steps", "12"]) == 0
+        assert "| skip (default) | 1 | 10 |" in capsys.readouterr().out
+    else:
+        assert mod.main([]) == 0
+        assert capsys.readouterr().out == (
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check. "
+            "The CPU figures come from: python benchmarks/overhead.py\n"
+        )
