@@ -75,6 +75,7 @@ class DetectorContext:
     activation_names: list[str] = field(default_factory=list)
     activation_kinds: list[str] = field(default_factory=list)  # "relu" | "sigmoid" | "tanh" | "other"
     excluded_activations: list[bool] = field(default_factory=list)  # True for output activations
+    time_layers: list[str] = field(default_factory=list)  # recurrent modules profiled in time (track_time)
 
     @property
     def names(self) -> list[str]:
@@ -200,7 +201,8 @@ class _PersistentLayerDetector:
 
 def _relative_to_weights(stats: GradStats, param_norm: Tensor, numel: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient-to-weight norm ratio per layer and where it is meaningful."""
-    valid = stats.present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt())
+    # A non-finite weight norm (weights already overflowed) would give a ratio of 0: not vanishing.
+    valid = stats.present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt()) & torch.isfinite(param_norm)
     ratio = stats.grad_norm / param_norm.clamp_min(_TINY)
     return ratio, valid
 
@@ -655,6 +657,103 @@ class Saturated(_ActivationDetector):
         super().__init__(threshold, persist)
 
 
+class TimeVanishing:
+    """Vanishing gradients across *time* in recurrent modules (needs ``track_time=True``).
+
+    Reads the temporal profile (:mod:`gradwatch.temporal`): the ratio of the loss gradient's norm
+    with respect to the recurrent module's input at the first time step to that at the last. Its
+    logarithm is averaged over the profiled (logging) steps with an EMA (``alpha``), so one lucky
+    batch neither raises nor hides the alert; after ``warmup`` profiles the alert fires when the
+    average ratio is below ``min_ratio``.
+
+    Default 1e-8, from float32: a recurrent layer's weight gradient is a sum over time steps, and
+    a first-step contribution below float32's resolution (1.2e-7) of the last step's is rounded
+    away, so nothing the sequence's start contains can move the weights. A vanilla tanh RNN at
+    50-100 steps sits at 1e-10..1e-20 (0 when it underflows); an LSTM that learned a 50-step copy
+    task stays near 1 (measured, see the reference scenario ``recurrence``). An LSTM that has not
+    learned a long-memory task may legitimately sit below it too: the alert then says truthfully
+    that its gradient does not reach the sequence's start.
+
+    Args:
+        min_ratio: threshold on the first/last time-step gradient ratio.
+        alpha: EMA decay per profiled step for the log-ratio.
+        warmup: profiled steps before the detector may fire.
+    """
+
+    def __init__(self, min_ratio: float = 1e-8, alpha: float = 0.7, warmup: int = 3) -> None:
+        self.min_ratio = check_range("min_ratio", min_ratio, 0.0, 1.0)
+        self.alpha = check_range("alpha", alpha, 0.0, 1.0)
+        self.warmup = check_int("warmup", warmup, 1)
+        self.names: list[str] = []
+
+    def bind(self, ctx: DetectorContext) -> None:
+        self.names = list(ctx.time_layers)
+        n = len(self.names)
+        dev = ctx.device
+        self.ema = torch.zeros(n, device=dev)
+        self.count = torch.zeros(n, device=dev)
+        self.fired_step = torch.full((n,), -1.0, device=dev)
+        self.fired_value = torch.zeros(n, device=dev)
+        self.fired_decay = torch.zeros(n, device=dev)
+        self._decay = torch.zeros(n, device=dev)
+
+    def update(self, stats: GradStats, step_t: Tensor, activations: ActivationStats | None) -> None:
+        return None  # the per-layer statistics say nothing about time; see update_time
+
+    def update_time(self, profile: Any, step_t: Tensor) -> None:
+        """Fold one step's :class:`~gradwatch.temporal.TimeProfile` in (device only)."""
+        if not self.names:
+            return
+        seen = profile.seen.to(self.ema.device)
+        x = profile.log_ratio.to(self.ema.device)
+        a = torch.where(self.count > 0, torch.full_like(self.ema, self.alpha), torch.zeros_like(self.ema))
+        self.ema = torch.where(seen, a * self.ema + (1 - a) * x, self.ema)
+        self._decay = torch.where(seen, profile.log_decay.to(self.ema.device), self._decay)
+        self.count = self.count + seen.to(self.count.dtype)
+        cond = seen & (self.count >= self.warmup) & (self.ema < math.log(self.min_ratio))
+        take = cond & (self.fired_step < 0)
+        self.fired_step = torch.where(take, step_t, self.fired_step)
+        self.fired_value = torch.where(take, self.ema.exp(), self.fired_value)
+        self.fired_decay = torch.where(take, self._decay.exp(), self.fired_decay)
+
+    def pending(self) -> list[Tensor]:
+        return [self.fired_step, self.fired_value, self.fired_decay] if self.names else []
+
+    def collect(self, values: list[list[float]], step: int) -> list[Finding]:
+        if not values:
+            return []
+        self.fired_step = torch.full_like(self.fired_step, -1.0)
+        out: list[Finding] = []
+        for i, (s, v, d) in enumerate(zip(*values[:3])):
+            if s < 0:
+                continue
+            name = self.names[i]
+            out.append(
+                Finding(
+                    "vanishing",
+                    f"time:{name}",
+                    int(s),
+                    name,
+                    v,
+                    self.min_ratio,
+                    "warning",
+                    f"Vanishing gradients across time at step {int(s)}: in {name} the first time step gets "
+                    f"{_fmt(v)}x the gradient of the last (threshold {_fmt(self.min_ratio)}; each step back "
+                    f"keeps {_fmt(d)} of it), so the sequence's start cannot influence the weights.",
+                    (name,),
+                )
+            )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ema" in state and len(state["ema"]) == len(self.names):
+            self.ema = state["ema"].to(self.ema.device)
+            self.count = state["count"].to(self.count.device)
+
+
 def default_detectors() -> list[Detector]:
     """The built-in detectors with their calibrated defaults."""
-    return [NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated()]
+    return [NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated(), TimeVanishing()]

@@ -37,6 +37,7 @@ from gradwatch.remedies import inspect_model, remedies_for
 from gradwatch.sinks.base import Sink, SinkSet, is_rank_zero
 from gradwatch.sinks.console import Console
 from gradwatch.stats import Gathered, GradStats, StatsCollector
+from gradwatch.temporal import TimeProfile, TimeProfiler
 
 log = logging.getLogger("gradwatch")
 
@@ -87,6 +88,9 @@ class GradWatch:
         log_every: logging period in steps (step 0 is a logging step).
         granularity: ``"module"`` (each module owning parameters) or ``"parameter"``.
         track_activations: hook ReLU/sigmoid/tanh modules to detect dead and saturated units.
+        track_time: profile the input gradient of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` modules per time
+            step on logging steps (``time_grad_ratio/<layer>``, ``time_grad_decay/<layer>``) and
+            detect vanishing across time (:class:`~gradwatch.detectors.TimeVanishing`).
         scaler: the loop's ``torch.amp.GradScaler``. Then :meth:`step` divides the statistics (and
             clipping thresholds) by the scale while the gradients are not unscaled yet, and
             inf/NaN gradients are left to the scaler, which skips the step itself: no alert, no
@@ -124,6 +128,7 @@ class GradWatch:
         log_every: int = 10,
         granularity: str = "module",
         track_activations: bool = False,
+        track_time: bool = False,
         scaler: Any = None,
         history_size: int = 1000,
         max_alerts: int = 1000,
@@ -142,6 +147,8 @@ class GradWatch:
         check_int("remind_every", remind_every, 1)
         if not isinstance(track_activations, bool):
             raise ValueError(f"`track_activations` must be True or False; got {track_activations!r}")
+        if not isinstance(track_time, bool):
+            raise ValueError(f"`track_time` must be True or False; got {track_time!r}")
         if clip is not None and not isinstance(clip, Clipper):
             raise ValueError(
                 f"`clip` must be None or a clipping strategy such as gw.clip.Norm(1.0); got {clip!r}"
@@ -186,6 +193,13 @@ class GradWatch:
         if track_activations:
             first = next(iter(model.parameters()), None)
             self._tracker = ActivationTracker(model, first.device if first is not None else torch.device("cpu"))
+        self._time: TimeProfiler | None = None
+        self._times: TimeProfile | None = None
+        if track_time:
+            first = next(iter(model.parameters()), None)
+            self._time = TimeProfiler(
+                model, first.device if first is not None else torch.device("cpu"), _armed_for_logging(self)
+            )
         self._handles: list[RemovableHandle] = []
         self._collector: StatsCollector | None = None
         self._step = 0
@@ -299,6 +313,7 @@ class GradWatch:
         inv_scale = self._inv_scale()
         stats = self._collector.compute(gathered, step, full=logging_step, inv_scale=inv_scale)
         acts = self._tracker.take() if self._tracker is not None else None
+        self._times = self._time.take() if self._time is not None and self._time.names else None
         # With an active GradScaler, inf/NaN gradients are overflow that the scaler skips itself;
         # nulling them here would break it (scaler.step asserts it recorded an inf check).
         amp_owned = self._amp is not None and self._amp.active
@@ -313,6 +328,8 @@ class GradWatch:
                            any_nonfinite=torch.zeros_like(stats.any_nonfinite))
         for d in self.detectors:
             d.update(seen, self._step_t, acts)
+            if self._times is not None and hasattr(d, "update_time"):
+                d.update_time(self._times, self._step_t)
         if amp_owned:
             assert self._amp is not None
             self._amp.update(stats.any_nonfinite, self._step_t)
@@ -392,6 +409,8 @@ class GradWatch:
             self._order.remove()
             if self._tracker is not None:
                 self._tracker.remove()
+            if self._time is not None:
+                self._time.remove()
             self.sinks.close()
 
     def state_dict(self) -> dict[str, Any]:
@@ -457,6 +476,7 @@ class GradWatch:
             activation_names=act_names,
             activation_kinds=self._tracker.kinds if self._tracker else [],
             excluded_activations=self._output_activations(act_names),
+            time_layers=self._time.names if self._time is not None else [],
         )
         for d in self.detectors:
             d.bind(ctx)
@@ -563,6 +583,9 @@ class GradWatch:
             tensors += [clip.threshold.reshape(1), clip.coef.reshape(1), post.reshape(1)]
         if self._amp is not None:
             tensors += self._amp.metric_tensors()
+        times = self._times
+        if times is not None:
+            tensors += [times.log_ratio, times.log_decay, times.seen.to(torch.float32)]
         n_fixed = len(tensors)
         pending = [t for d in self._watchers() for t in d.pending()]
         values = self._transfer(tensors + pending)
@@ -592,6 +615,12 @@ class GradWatch:
             m["clip/threshold"], m["clip/coef"], m["grad_norm_clipped/total"] = (rest.pop(0)[0] for _ in range(3))
         if self._amp is not None:
             m["amp/scale"], m["amp/overflow_steps"] = (rest.pop(0)[0] for _ in range(2))
+        if times is not None and self._time is not None:
+            log_ratio, log_decay, seen_t = (rest.pop(0) for _ in range(3))
+            for j, name in enumerate(self._time.names):
+                if seen_t[j] > 0:
+                    m[f"time_grad_ratio/{name}"] = math.exp(log_ratio[j])
+                    m[f"time_grad_decay/{name}"] = math.exp(log_decay[j])
         findings = self._collect(values[n_fixed:])
         if is_rank_zero():
             self.sinks.metrics(m, stats.step)
@@ -635,6 +664,17 @@ class GradWatch:
     def _raise_if_asked(self, alerts: list[Alert]) -> None:
         if self.on_alert == "raise" and alerts:
             raise GradWatchAlertError(alerts[0])
+
+
+def _armed_for_logging(monitor: GradWatch) -> Callable[[], bool]:
+    """Whether the coming forward precedes a logging step (weakly bound: hooks keep no monitor alive)."""
+    ref = weakref.ref(monitor)
+
+    def armed() -> bool:
+        m = ref()
+        return m is not None and not m._closed and m._step % m.log_every == 0
+
+    return armed
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> GradWatch:
