@@ -149,7 +149,7 @@ def test_time_vanishing_fires_for_vanilla_rnn_not_for_lstm_at_init() -> None:
         model = SequenceClassifier(cell, 8, 64, 8, forget_bias=fb)
         monitor = gw.GradWatch(model, sinks=[], track_time=True, log_every=1, on_alert="ignore")
         ratios = []
-        for step in range(4):
+        for _ in range(4):
             x = torch.zeros(16, 50, 8)
             tok = torch.randint(0, 8, (16,))
             x[:, 0] = nn.functional.one_hot(tok, 8).float()

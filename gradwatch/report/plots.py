@@ -1,0 +1,233 @@
+"""The report's figures, rendered with matplotlib (the optional ``report`` extra) to PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from gradwatch.report.data import Run, log10
+
+KIND_COLORS = {
+    "vanishing": "#1f77b4",
+    "exploding": "#d62728",
+    "spike": "#ff7f0e",
+    "nonfinite": "#7f0000",
+    "dead": "#7f7f7f",
+    "saturated": "#9467bd",
+}
+DPI = 90
+
+
+def require_matplotlib() -> Any:
+    """Import matplotlib with the non-interactive Agg backend.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is missing (the message gives the install command).
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:  # pragma: no cover - matplotlib is in the dev extra
+        raise ModuleNotFoundError(
+            "gradwatch report needs matplotlib: pip install 'gradwatch[report]'"
+        ) from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _short(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def heatmap_matrix(run: Run) -> tuple[list[str], list[int], list[list[float]]]:
+    """Layers (forward order) x logging steps of log10 gradient norm (``nan`` where absent)."""
+    layers = run.family("grad_norm")
+    rows = [[log10(m.get(f"grad_norm/{layer}", math.nan)) for m in run.metrics] for layer in layers]
+    return layers, run.steps, rows
+
+
+def _draw_heatmap(ax: Any, run: Run, vmin: float | None = None, vmax: float | None = None) -> Any:
+    import numpy as np
+
+    layers, steps, rows = heatmap_matrix(run)
+    data = np.array(rows, dtype=float) if rows else np.full((1, max(1, len(steps))), np.nan)
+    finite = data[np.isfinite(data)]
+    if vmin is None:
+        vmin = float(finite.min()) if finite.size else -1.0
+    if vmax is None:
+        vmax = float(finite.max()) if finite.size else 1.0
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5) if steps else None
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=max(vmax, vmin + 1e-6),
+                   interpolation="nearest", extent=extent)
+    step_y = max(1, len(layers) // 12)
+    ax.set_yticks(range(0, len(layers), step_y))
+    ax.set_yticklabels([_short(layers[i]) for i in range(0, len(layers), step_y)], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("layer (forward order)")
+    return im
+
+
+def heatmap(run: Run) -> bytes:
+    """Layer x step heatmap of log10 gradient norm."""
+    plt = require_matplotlib()
+    n = len(run.family("grad_norm"))
+    fig, ax = plt.subplots(figsize=(7.0, min(6.0, 1.6 + 0.12 * n)))
+    im = _draw_heatmap(ax, run)
+    fig.colorbar(im, ax=ax, label="log10 ‖g‖")
+    ax.set_title(f"{run.name}: log10 gradient norm per layer")
+    return _png(fig)
+
+
+def flow_steps(run: Run, k: int = 3) -> list[int]:
+    """Logging steps for the gradient-flow chart: first, middle, last (distinct)."""
+    s = run.steps
+    picks = [s[0], s[len(s) // 2], s[-1]] if s else []
+    return list(dict.fromkeys(picks))[:k]
+
+
+def flow(run: Run, steps: list[int] | None = None) -> bytes:
+    """The classic gradient-flow chart: mean and max |g| per layer (log scale) at a few steps.
+
+    Mean |g| is the gradient RMS (``‖g‖ / sqrt(numel)``) when the run's layer sizes are known
+    (demo runs record them), else the layer's L2 norm.
+    """
+    plt = require_matplotlib()
+    steps = steps or flow_steps(run)
+    layers = run.family("grad_norm")
+    numel = run.summary.get("numel") or {}
+    by_step = dict(zip(run.steps, run.metrics))
+    fig, ax = plt.subplots(figsize=(7.0, 3.4))
+    width = 0.8 / max(1, len(steps))
+    cmap = plt.get_cmap("plasma")
+    for j, s in enumerate(steps):
+        m = by_step.get(s, {})
+        color = cmap(0.15 + 0.7 * j / max(1, len(steps) - 1))
+        mean = []
+        for layer in layers:
+            g = m.get(f"grad_norm/{layer}", math.nan)
+            n = numel.get(layer)
+            mean.append(g / math.sqrt(n) if n else g)
+        gmax = [m.get(f"grad_max/{layer}", math.nan) for layer in layers]
+        xs = [i + (j - (len(steps) - 1) / 2) * width for i in range(len(layers))]
+        ax.bar(xs, [v if v > 0 else math.nan for v in gmax], width, color=color, alpha=0.35,
+               label=f"max |g|, step {s}")
+        ax.bar(xs, [v if v > 0 else math.nan for v in mean], width, color=color,
+               label=f"{'mean |g| (RMS)' if numel else '‖g‖'}, step {s}")
+    ax.set_yscale("log")
+    stride = max(1, len(layers) // 16)
+    ax.set_xticks(range(0, len(layers), stride))
+    ax.set_xticklabels([_short(layers[i], 10) for i in range(0, len(layers), stride)], rotation=60, fontsize=7)
+    ax.set_xlabel("layer (forward order)")
+    ax.set_ylabel("|g|")
+    ax.set_title(f"{run.name}: gradient flow")
+    ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
+
+
+def total(run: Run) -> bytes:
+    """Total gradient norm over time (log scale), clip thresholds, post-clip norm, alert markers."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    xs, ys = run.series("grad_norm/total")
+    ax.plot(xs, [y if y > 0 and math.isfinite(y) else math.nan for y in ys], color="black", lw=1.4,
+            label="total ‖g‖ (pre-clip)")
+    cx, cy = run.series("grad_norm_clipped/total")
+    if cx:
+        ax.plot(cx, cy, color="#2ca02c", lw=1.0, label="after clipping")
+    tx, ty = run.series("clip/threshold")
+    if tx:
+        ax.plot(tx, ty, color="#2ca02c", ls="--", lw=1.0, label="clip threshold")
+    seen: set[str] = set()
+    for a in run.alerts:
+        kind = str(a.get("kind"))
+        ax.axvline(float(a.get("step", 0)), color=KIND_COLORS.get(kind, "#333333"), ls=":", lw=1.2,
+                   label=f"alert: {kind}" if kind not in seen else None)
+        seen.add(kind)
+    if any(y > 0 and math.isfinite(y) for y in ys + cy + ty):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖g‖")
+    ax.set_title(f"{run.name}: total gradient norm")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def time_profile(run: Run) -> bytes | None:
+    """First/last time-step gradient ratio of recurrent layers over training (``None`` if absent)."""
+    layers = run.family("time_grad_ratio")
+    if not layers:
+        return None
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7.0, 2.8))
+    for layer in layers:
+        xs, ys = run.series(f"time_grad_ratio/{layer}")
+        ax.plot(xs, [max(y, 1e-30) for y in ys], marker=".", label=layer)
+    ax.axhline(1e-8, color=KIND_COLORS["vanishing"], ls="--", lw=1, label="vanishing threshold (1e-8)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖dL/dx_first‖ / ‖dL/dx_last‖")
+    ax.set_title(f"{run.name}: gradient across time")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def compare(runs: list[Run]) -> bytes:
+    """Runs side by side: heatmaps (shared colour scale) over the total norms."""
+    plt = require_matplotlib()
+    mats = [v for r in runs for row in heatmap_matrix(r)[2] for v in row if math.isfinite(v)]
+    vmin, vmax = (min(mats), max(mats)) if mats else (-1.0, 1.0)
+    n = len(runs)
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n + 0.8, 5.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    im = None
+    for j, r in enumerate(runs):
+        im = _draw_heatmap(axes[0][j], r, vmin, vmax)
+        kinds = ", ".join(dict.fromkeys(str(a.get("kind")) for a in r.alerts)) or "no alert"
+        role = f" ({r.role})" if r.role else ""
+        axes[0][j].set_title(f"{r.summary.get('variant', r.name)}{role}\n{kinds}", fontsize=9)
+        if j:
+            axes[0][j].set_ylabel("")
+        xs, ys = r.series("grad_norm/total")
+        ax = axes[1][j]
+        ax.plot(xs, [y if y > 0 and math.isfinite(y) else math.nan for y in ys], color="black", lw=1.2)
+        if any(y > 0 and math.isfinite(y) for y in ys):
+            ax.set_yscale("log")
+        for a in r.alerts:
+            ax.axvline(float(a.get("step", 0)), color=KIND_COLORS.get(str(a.get("kind")), "#333"), ls=":", lw=1)
+        ax.set_xlabel("step")
+        if not j:
+            ax.set_ylabel("total ‖g‖")
+    if im is not None:
+        fig.colorbar(im, ax=[axes[0][j] for j in range(n)], label="log10 ‖g‖", shrink=0.9)
+    return _png(fig)
+
+
+def compare_time(runs: list[Run]) -> bytes | None:
+    """First/last time-step gradient ratio of several runs on one chart (``None`` if none has it)."""
+    curves = [(r, layer) for r in runs for layer in r.family("time_grad_ratio")]
+    if not curves:
+        return None
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    for r, layer in curves:
+        xs, ys = r.series(f"time_grad_ratio/{layer}")
+        label = str(r.summary.get("variant", r.name)) + (f" ({layer})" if len(curves) > len(runs) else "")
+        ax.plot(xs, [max(y, 1e-30) for y in ys], marker=".", label=label)
+    ax.axhline(1e-8, color=KIND_COLORS["vanishing"], ls="--", lw=1, label="vanishing threshold (1e-8)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖dL/dx_first‖ / ‖dL/dx_last‖")
+    ax.set_title("gradient reaching the first time step, relative to the last")
+    ax.legend(fontsize=7)
+    return _png(fig)
