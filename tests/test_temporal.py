@@ -190,3 +190,25 @@ def test_time_vanishing_rejects_bad_arguments(kwargs: dict, match: str) -> None:
 def test_track_time_must_be_bool() -> None:
     with pytest.raises(ValueError, match=r"`track_time` must be True or False; got 'yes'"):
         gw.GradWatch(nn.Linear(2, 2), sinks=[], track_time="yes")
+
+
+def test_profiling_is_sync_free_in_forward_backward_and_on_non_logging_steps() -> None:
+    from test_syncs import count_syncs
+
+    torch.manual_seed(4)
+    model = Seq(nn.LSTM)
+    monitor = gw.GradWatch(model, sinks=[], track_time=True, log_every=3, on_nonfinite="warn", on_alert="ignore")
+    fwd_bwd, steps = [], []
+    for _ in range(6):
+        x = torch.randn(2, 7, 4)
+        with count_syncs() as calls:
+            nn.functional.cross_entropy(model(x), torch.tensor([0, 2])).backward()
+        fwd_bwd.append(list(calls))
+        with count_syncs() as calls:
+            monitor.step()
+        steps.append(list(calls))
+        model.zero_grad()
+    monitor.close()
+    assert fwd_bwd == [[]] * 6  # the hooks only queue device work, even on logging steps
+    assert [steps[i] for i in (1, 2, 4, 5)] == [[]] * 4
+    assert steps[0] == steps[3] == ["tolist"]  # the logging step's single transfer

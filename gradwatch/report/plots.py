@@ -120,9 +120,9 @@ def flow(run: Run, steps: list[int] | None = None) -> bytes:
             mean.append(g / math.sqrt(n) if n else g)
         gmax = [m.get(f"grad_max/{layer}", math.nan) for layer in layers]
         xs = [i + (j - (len(steps) - 1) / 2) * width for i in range(len(layers))]
-        ax.bar(xs, [v if v > 0 else math.nan for v in gmax], width, color=color, alpha=0.35,
+        ax.bar(xs, [v if 0 < v < math.inf else math.nan for v in gmax], width, color=color, alpha=0.35,
                label=f"max |g|, step {s}")
-        ax.bar(xs, [v if v > 0 else math.nan for v in mean], width, color=color,
+        ax.bar(xs, [v if 0 < v < math.inf else math.nan for v in mean], width, color=color,
                label=f"{'mean |g| (RMS)' if numel else '‖g‖'}, step {s}")
     ax.set_yscale("log")
     stride = max(1, len(layers) // 16)
@@ -144,7 +144,8 @@ def total(run: Run) -> bytes:
             label="total ‖g‖ (pre-clip)")
     cx, cy = run.series("grad_norm_clipped/total")
     if cx:
-        ax.plot(cx, cy, color="#2ca02c", lw=1.0, label="after clipping")
+        ax.plot(cx, [y if 0 < y < math.inf else math.nan for y in cy], color="#2ca02c", lw=1.0,
+                label="after clipping")
     tx, ty = run.series("clip/threshold")
     if tx:
         ax.plot(tx, ty, color="#2ca02c", ls="--", lw=1.0, label="clip threshold")
