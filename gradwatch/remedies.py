@@ -180,7 +180,8 @@ def remedies_for(kind: str, facts: ModelFacts, *, typical_norm: float | None = N
     )
     rnn_fix = (
         f"Replace the vanilla recurrent cell {_names(facts.vanilla_rnn)} with nn.LSTM or nn.GRU: their gates and "
-        "memory cell keep the gradient alive across time steps (set the LSTM forget-gate bias to 1)."
+        "memory cell keep the gradient alive across time steps (set the LSTM forget-gate bias to 1, or ~3 for "
+        "~50-step memories: a fraction sigmoid(bias)^T of the cell survives T steps at init)."
     )
     if kind == "vanishing":
         if facts.zero_init:
