@@ -7,7 +7,17 @@ sinks for the console, JSONL, Weights & Biases, TensorBoard and Lightning logger
 
 from gradwatch import clip, sinks
 from gradwatch.alerts import Alert
-from gradwatch.detectors import Dead, Detector, Exploding, Finding, NonFinite, Saturated, Spike, Vanishing
+from gradwatch.detectors import (
+    Dead,
+    Detector,
+    Exploding,
+    Finding,
+    NonFinite,
+    Saturated,
+    Spike,
+    TimeVanishing,
+    Vanishing,
+)
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
 from gradwatch.monitor import GradWatch, StepReport, watch
 
@@ -27,6 +37,7 @@ __all__ = [
     "Saturated",
     "Spike",
     "StepReport",
+    "TimeVanishing",
     "Vanishing",
     "__version__",
     "clip",
