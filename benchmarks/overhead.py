@@ -3,10 +3,12 @@
 Every configuration ("variant") is timed in the same process as the bare loop, interleaved.
 For each repetition and each variant (in an order shuffled per repetition) the model is restored
 to the same initial weights with a fresh optimizer, ``--warmup`` untimed steps run, then
-``--chunks`` timed chunks of ``--chunk`` steps of the variant alternate with as many chunks of
-the bare loop on the same model (B V V B B V ...: the variant is simply not called during bare
-chunks, and its own step count runs on). Variants that install hooks (``acts``, ``wandb``) cannot
-leave them during bare chunks: they run a bare block and then a block of their own. A chunk's
+``--chunks`` timed chunks of ``--chunk`` steps of the variant alternate with as many steps of
+the bare loop on the same model: step by step on CPU (B V B V ..., then V B V B ... in the next
+chunk), chunk by chunk on CUDA (B V V B ..., synchronizing only at chunk boundaries). The variant
+is simply not called during bare steps, and its own step count runs on. Variants that install
+hooks (``acts``, ``wandb``) cannot leave them during bare steps: they run a bare block and then
+a block of their own. A chunk's
 time divided by its steps is one sample, so with ``--chunk 10`` every sample holds exactly one
 gradwatch logging step (``log_every=10``) and the logging cost is not hidden by the median.
 Each variant chunk's ratio to the bare chunk it alternated with is one ratio; the table shows
@@ -309,9 +311,10 @@ def run_block(
 
     Returns the bare and the variant chunk samples (seconds per step, ``"wall"`` and ``"cpu"``
     clocks) and the peak CUDA memory of the variant. Variants whose work is one call after
-    backward alternate chunk by chunk on one model (B V V B B V ...): the variant simply is not
-    called during bare chunks, and its own step count, hence its logging cadence, runs on. Hooked
-    variants (:data:`HOOKED`) run a bare block and then their own block.
+    backward alternate with the bare loop on one model, step by step on CPU and chunk by chunk
+    on CUDA: the variant simply is not called during bare steps, and its own step count, hence
+    its logging cadence, runs on. Hooked variants (:data:`HOOKED`) run a bare block and then
+    their own block.
     """
     bare = Variant("bare", variant.tmp)
     out_b: dict[str, list[float]] = {"wall": [], "cpu": []}
@@ -343,7 +346,20 @@ def run_block(
             if variant.name in HOOKED:
                 record(out_v, _time_chunk(wl, opt, variant, args.chunk, device))
                 continue
-            for who in ((bare, variant) if i % 2 == 0 else (variant, bare)):
+            order = (bare, variant) if i % 2 == 0 else (variant, bare)
+            if device.type == "cpu":
+                # Step by step (B V B V ... then V B V B ...): neighbouring steps see the same
+                # machine load, so the pairs cancel most of what other processes do.
+                sums = {bare: [0.0, 0.0], variant: [0.0, 0.0]}
+                for _ in range(args.chunk):
+                    for who in order:
+                        t = _time_chunk(wl, opt, who, 1, device)
+                        sums[who][0] += t[0]
+                        sums[who][1] += t[1]
+                record(out_b, (sums[bare][0] / args.chunk, sums[bare][1] / args.chunk))
+                record(out_v, (sums[variant][0] / args.chunk, sums[variant][1] / args.chunk))
+                continue
+            for who in order:
                 record(out_b if who is bare else out_v, _time_chunk(wl, opt, who, args.chunk, device))
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
@@ -431,7 +447,23 @@ def stats_vs_floor(wl: Workload, args: argparse.Namespace, device: torch.device)
     def stats_full() -> None:
         collector.compute(collector.gather(), 0, full=True)
 
-    fns = {"floor": floor, "stats": stats, "stats_full": stats_full}
+    # The whole trip of monitor.step() on the same gradients, and the default detectors alone.
+    tmp = tempfile.TemporaryDirectory()
+    quiet: dict[str, Any] = {"sinks": [], "on_alert": "ignore", "log_every": 10**9}
+    warn = gw.GradWatch(wl.model, on_nonfinite="warn", **quiet)
+    skip = gw.GradWatch(wl.model, on_nonfinite="skip", **quiet)
+    logging = gw.GradWatch(wl.model, sinks=[gw.sinks.JSONL(Path(tmp.name) / "t.jsonl")], on_alert="ignore",
+                           log_every=1)
+    for m in (warn, skip):
+        m.step()  # step 0 (binding, logging); the timed calls are non-logging steps
+    fixed = collector.compute(collector.gather(), 1, full=False)
+
+    def detectors() -> None:
+        for d in warn.detectors:
+            d.update(fixed, warn._step_t, None)
+
+    fns = {"floor": floor, "stats": stats, "stats_full": stats_full, "detectors": detectors,
+           "trip_warn": warn.step, "trip_skip": skip.step, "trip_logging": logging.step}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():
         for _ in range(3):
@@ -448,6 +480,9 @@ def stats_vs_floor(wl: Workload, args: argparse.Namespace, device: torch.device)
                 fns[k]()
             _sync(device)
             samples[k].append((clock() - t0) / args.stats_calls * 1e6)
+    for m in (warn, skip, logging):
+        m.close()
+    tmp.cleanup()
     out = {f"{k}_us": statistics.median(v) for k, v in samples.items()}
     out["stats_over_floor"] = out["stats_us"] / out["floor_us"]
     out["n_grads"] = len(grads)
@@ -629,7 +664,9 @@ def table(results: dict[str, Any]) -> str:
                 f"\nstatistics alone (non-logging step): {sf['stats_us']:.0f} us; one `_foreach_norm` pass over "
                 f"the {sf['n_grads']} gradients ({sf['grad_mib']:.1f} MiB): {sf['floor_us']:.0f} us; ratio "
                 f"{sf['stats_over_floor']:.2f}. Logging-step statistics (adds max|g| and parameter norms): "
-                f"{sf['stats_full_us']:.0f} us."
+                f"{sf['stats_full_us']:.0f} us. Whole monitor.step(): non-logging {sf['trip_warn_us']:.0f} us "
+                f"(on_nonfinite=\"warn\"), {sf['trip_skip_us']:.0f} us (\"skip\"), of which the default detectors "
+                f"{sf['detectors_us']:.0f} us; logging step with a JSONL sink {sf['trip_logging_us']:.0f} us."
             )
     return "\n".join(lines)
 
