@@ -36,22 +36,23 @@ def test_demo_prints_the_table_and_writes_runs_and_report(clipping_demo) -> None
         "scenario", "variant", "role", "alerts", "raised", "final", "loss", "first/last", "layer",
         "first/last", "time", "as", "expected",
     ]
-    rows = [line.split() for line in lines[2:5]]
+    rows = [line.split() for line in lines[2:6]]
     assert [r[:4] for r in rows] == [
         ["clipping", "none", "pathology", "nonfinite"],
         ["clipping", "norm", "remedy", "none"],
         ["clipping", "agc", "remedy", "none"],
+        ["clipping", "zscore", "remedy", "none"],
     ]
-    assert [r[-1] for r in rows] == ["yes", "yes", "yes"]
+    assert [r[-1] for r in rows] == ["yes", "yes", "yes", "yes"]
     assert rows[0][4] == "inf"  # the unclipped run diverged; the clipped ones trained
     assert all(float(r[4]) < 1.0 for r in rows[1:])
     assert f"report: {out / 'report.html'}" in stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "clipping-agc.jsonl", "clipping-none.jsonl", "clipping-norm.jsonl", "report.html",
+        "clipping-agc.jsonl", "clipping-none.jsonl", "clipping-norm.jsonl", "clipping-zscore.jsonl", "report.html",
     ]
     # stderr is no terminal here: one line per finished run instead of a bar.
     assert [line.split()[0] for line in stderr.strip().splitlines()] == [
-        "clipping/none", "clipping/norm", "clipping/agc",
+        "clipping/none", "clipping/norm", "clipping/agc", "clipping/zscore",
     ]
     assert "nonfinite (" in stderr.splitlines()[0]
 
@@ -140,10 +141,10 @@ def test_demo_with_wandb_offline(tmp_path: Path, monkeypatch) -> None:
     assert wandb.run is None  # each run was finished by its sink
     assert "W&B: logging every run in offline mode (project gradwatch-demo)" in stderr
     files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 3
+    assert len(files) == 4
     names = [next(r.run.display_name for r in read_records(f) if r.WhichOneof("record_type") == "run")
              for f in files]
-    assert sorted(names) == ["clipping-agc", "clipping-none", "clipping-norm"]
+    assert sorted(names) == ["clipping-agc", "clipping-none", "clipping-norm", "clipping-zscore"]
     runs = dict(zip(names, (read_run(f) for f in files)))
     for r in runs.values():
         assert [h["gradwatch/step"] for h in r.history if "grad_norm/total" in h] == [0, 5]

@@ -29,6 +29,7 @@ EXPECTED = {
     ("clipping", "none"): "nonfinite",
     ("clipping", "norm"): None,
     ("clipping", "agc"): None,
+    ("clipping", "zscore"): None,
 }
 
 

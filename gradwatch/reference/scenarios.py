@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gradwatch.clip import AGC, Clipper, Norm
+from gradwatch.clip import AGC, Clipper, Norm, ZScore
 from gradwatch.reference.models import ResidualMLP, SequenceClassifier, init_weights_, mlp
 from gradwatch.reference.tasks import Task, copy_first_token, teacher_regression
 
@@ -261,6 +261,10 @@ register(
             Variant("none", "pathology", _clip_mlp, expect="nonfinite", summary="5-layer ReLU MLP, SGD lr 0.6"),
             Variant("norm", "remedy", _clip_mlp, clip=lambda: Norm(1.0), summary="+ gw.clip.Norm(1.0)"),
             Variant("agc", "remedy", _clip_mlp, clip=lambda: AGC(), summary="+ gw.clip.AGC(0.01)"),
+            # ZScore clips outliers against its running statistics, which need a warm-up (25 steps);
+            # this explosion takes 5, so the warm-up is bounded by max_norm.
+            Variant("zscore", "remedy", _clip_mlp, clip=lambda: ZScore(max_norm=1.0),
+                    summary="+ gw.clip.ZScore(max_norm=1.0)"),
         ),
         steps=100,
         lr=0.6,

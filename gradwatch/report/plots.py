@@ -190,7 +190,7 @@ def compare(runs: list[Run]) -> bytes:
     vmin, vmax = (min(mats), max(mats)) if mats else (-1.0, 1.0)
     n = len(runs)
     fig, axes = plt.subplots(2, n, figsize=(3.3 * n + 0.8, 5.6), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 2]})
+                             gridspec_kw={"height_ratios": [3, 2]}, layout="constrained")
     im = None
     for j, r in enumerate(runs):
         im = _draw_heatmap(axes[0][j], r, vmin, vmax)
