@@ -15,7 +15,7 @@ values and the coefficient is applied to the scaled gradients, which the scaler 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -205,21 +205,22 @@ class AGC:
             raise ValueError(f"`exclude` must be a layer name or a list of layer names; got {exclude!r}")
         self.exclude_1d = exclude_1d
         self.exclude = tuple(names)
-        self._excluded: set[int] | None = None
+        self._excluded: set[int] | None = None  # layer indices
 
     def bind(self, layers: list[Layer]) -> None:
         """Resolve ``exclude`` against the monitor's layers (called once, at the first step)."""
         excluded: set[int] = set()
         for wanted in self.exclude:
-            hit = [x for x in layers if _matches(x.name, wanted) or _matches(x.module_name, wanted)]
+            hit = [i for i, x in enumerate(layers) if _matches(x.name, wanted) or _matches(x.module_name, wanted)]
             if not hit:
                 shown = ", ".join(repr(x.name) for x in layers[:20])
                 raise ValueError(f"`exclude` name {wanted!r} matches no layer; the layers are: {shown}")
-            excluded.update(id(p) for x in hit for p in x.params)
+            excluded.update(hit)
         self._excluded = excluded
 
-    def _skips(self, p: Tensor) -> bool:
-        return (self._excluded is not None and id(p) in self._excluded) or (self.exclude_1d and p.dim() <= 1)
+    def _skips(self, p: Tensor, layer: int) -> bool:
+        # By layer index, not tensor identity: FSDP2 hands over new local-shard tensors each step.
+        return (self._excluded is not None and layer in self._excluded) or (self.exclude_1d and p.dim() <= 1)
 
     def clip_(self, gathered: Gathered, stats: GradStats) -> ClipResult:
         if self.exclude and self._excluded is None:
@@ -227,10 +228,10 @@ class AGC:
         dev = stats.total_norm.device
         mins = [torch.ones((), device=dev)]
         with torch.no_grad():
-            for grads, params, _ in gathered.groups:
+            for (grads, params, _), ids in zip(gathered.groups, gathered.layer_ids):
                 inv = stats.inv_scale.to(grads[0].device, torch.float32) if stats.inv_scale is not None else None
-                for g, p in zip(grads, params):
-                    if self._skips(p):
+                for g, p, layer in zip(grads, params, ids):
+                    if self._skips(p, layer):
                         continue
                     if p.dim() >= 2:
                         w_norm = torch.linalg.vector_norm(p.detach().flatten(1), dim=1, dtype=torch.float32)
@@ -265,13 +266,12 @@ class _Running:
     """Device state allocated at the first step (or restored from a checkpoint before it)."""
 
     _keys: tuple[str, ...] = ()
+    # Each subclass defines ``_init_state(device) -> dict[str, Tensor]``: its fresh state.
+    _init_state: Callable[[torch.device], dict[str, Tensor]]
 
     def __init__(self) -> None:
         self._state: dict[str, Tensor] | None = None
         self._loaded: dict[str, Tensor] | None = None
-
-    def _init_state(self, device: torch.device) -> dict[str, Tensor]:
-        raise NotImplementedError
 
     def _get(self, device: torch.device) -> dict[str, Tensor]:
         if self._state is None:

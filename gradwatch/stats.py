@@ -39,6 +39,9 @@ class Gathered:
     # Per group: the process groups its (local, sharded) statistics are summed over; () when not sharded.
     # Gradients and parameters in ``groups`` are then the local shards (views: in-place ops reach them).
     reduce_keys: list[ReduceKey] = field(default_factory=list)
+    # Per group: the layer index of each tensor, on the host (local shards are new objects each
+    # step, so strategies that single out layers match on these, not on tensor identity).
+    layer_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -131,7 +134,9 @@ class StatsCollector:
         plan, present, present_host = cached
         groups = []
         keys = []
+        layer_ids = []
         for positions, layer_idx, rkey, dtensors in plan:
+            layer_ids.append([self._flat[j][0] for j in positions])
             grads = [grads_all[j] for j in positions]
             params = [self._flat[j][1] for j in positions]
             if dtensors:  # FSDP2 / DTensor: work on the local shards
@@ -146,6 +151,7 @@ class StatsCollector:
             present_host=present_host,
             grads=[g for grads, _, _ in groups for g in grads],
             reduce_keys=keys,
+            layer_ids=layer_ids,
         )
 
     def _present_host(self, key: tuple[bool, ...]) -> list[bool]:

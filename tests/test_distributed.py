@@ -228,3 +228,14 @@ def test_single_process_plain_tensors_need_no_collective() -> None:
     gathered = monitor._collector.gather()
     assert gathered.reduce_keys == [()]
     assert gathered.sharded is False
+
+
+def test_fsdp_agc_clips_whole_units_and_excludes_layers_by_name(jobs: dict[str, Path]) -> None:
+    # FSDP2 shards weights by rows (output units), so each unit is whole on one rank; the
+    # exclusion must hold although the local shards are new tensors every step.
+    ref = reference(FSDP_STEPS, agc=(0.01, ("4",)))
+    unclipped = reference(FSDP_STEPS)
+    assert ref[0]["weights"] != unclipped[0]["weights"]  # AGC is active
+    for r in ranks(jobs["fsdp"]):
+        for step, w in enumerate(r["agc"]["weights"]):
+            assert_weights(w, ref[step]["weights"], f"rank {r['rank']} AGC weights after step {step}")

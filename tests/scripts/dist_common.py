@@ -125,9 +125,13 @@ def reference(
     norm_type: float = 2.0,
     skip: tuple[int, ...] = (),
     prefix: str = "",
+    agc: tuple[float, tuple[str, ...]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the unsharded model on the global batches in float64: per step, the per-layer
-    statistics of the gradients (pre-clip) and the weights after the optimizer step."""
+    statistics of the gradients (pre-clip) and the weights after the optimizer step.
+
+    ``agc=(clipping, excluded layers)``: unit-wise AGC of the 2-D weights (1-D left out), written
+    out from the formula of Brock et al. 2021 with eps=1e-3."""
     model = make_model().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = []
@@ -149,6 +153,16 @@ def reference(
         m["grad_norm/total"] = math.sqrt(total_sq)
         if step in skip:
             opt.zero_grad(set_to_none=True)
+        elif agc is not None:
+            clipping, excluded = agc
+            with torch.no_grad():
+                for name in LAYERS:
+                    if name in excluded:
+                        continue
+                    w = model.get_submodule(name).weight
+                    bound = clipping * w.norm(dim=1).clamp_min(1e-3)
+                    g_norm = w.grad.norm(dim=1)
+                    w.grad.mul_(torch.where(g_norm > bound, bound / g_norm, torch.ones_like(g_norm))[:, None])
         elif max_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
             m["grad_norm_clipped/total"] = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))

@@ -9,6 +9,7 @@ head that is empty on rank 1. Three runs on the deterministic batches:
 * ``clip``: ``gw.clip.Norm`` with a threshold below the norms, SGD; full weights after each step.
 * ``clip_inf``: ``gw.clip.Norm(norm_type=inf)``: the global max |g| over shards, empty ones included.
 * ``nan``: a NaN in rank 0's local shard of layer ``2`` at step 1: both ranks skip.
+* ``agc``: ``gw.clip.AGC`` on the row-sharded weights, the head (``4``, empty on rank 1) excluded by name.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ STEPS = 4
 MAX_NORM = 0.05
 MAX_INF = 0.02  # below max |g| of every step: the inf-norm clipping is active
 NAN_STEP = 1
+AGC_CLIPPING = 0.01  # below every unit's gradient-to-weight ratio here: AGC is active
 
 
 def sharded_model() -> torch.nn.Module:
@@ -83,6 +85,8 @@ def worker(rank: int, out_dir: str) -> dict[str, Any]:
         ),
         "clip_inf": _train(rank, {"sinks": [], "log_every": 2, "clip": gw.clip.Norm(MAX_INF, norm_type=float("inf"))}),
         "nan": _train(rank, {"sinks": [], "log_every": 100, "on_alert": "ignore"}, nan_step=NAN_STEP),
+        "agc": _train(rank, {"sinks": [], "log_every": 2, "clip": gw.clip.AGC(AGC_CLIPPING, exclude_1d=True,
+                                                                                 exclude=["4"])}),
     }
 
 
