@@ -20,6 +20,7 @@ healthy training shows (figures measured on CPU with torch 2.13; see DESIGN.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -199,12 +200,28 @@ class _PersistentLayerDetector:
                 t.load_state_dict(state[name])
 
 
+def _shared(stats: GradStats, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """Per-step memo kept on ``stats``: what several detectors derive from the same statistics
+    (Vanishing and Exploding both need the depth profile and the gradient-to-weight ratios) is
+    computed once per step. Each tensor op costs microseconds of dispatch on the per-step path."""
+    memo = stats.__dict__.setdefault("_shared", {})
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
 def _relative_to_weights(stats: GradStats, param_norm: Tensor, numel: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient-to-weight norm ratio per layer and where it is meaningful."""
-    # A non-finite weight norm (weights already overflowed) would give a ratio of 0: not vanishing.
-    valid = stats.present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt()) & torch.isfinite(param_norm)
-    ratio = stats.grad_norm / param_norm.clamp_min(_TINY)
-    return ratio, valid
+
+    def make() -> tuple[Tensor, Tensor]:
+        # A non-finite weight norm (weights already overflowed) would give a ratio of 0: not vanishing.
+        valid = stats.present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt()) & torch.isfinite(param_norm)
+        ratio = stats.grad_norm / param_norm.clamp_min(_TINY)
+        return ratio, valid
+
+    # Keyed by identity: both tensors stay alive (held by the detectors and the context) while
+    # ``stats`` lives, so an id cannot be reused within the memo's lifetime.
+    return _shared(stats, ("relative", id(param_norm), id(numel)), make)
 
 
 class _DepthProfile:
@@ -225,9 +242,13 @@ class _DepthProfile:
             self.early[w[:k]] = True
             self.late[w[-k:]] = True
         self.first_layer = w[0] if w else 0
+        self._key = ("depth", tuple(w[:k]), tuple(w[-k:]))
 
     def log_ratio(self, stats: GradStats, numel: Tensor) -> tuple[Tensor, Tensor]:
         """log(early RMS / late RMS) and whether both groups had usable layers."""
+        return _shared(stats, (*self._key, id(numel)), lambda: self._log_ratio(stats, numel))
+
+    def _log_ratio(self, stats: GradStats, numel: Tensor) -> tuple[Tensor, Tensor]:
         rms = stats.grad_norm / numel.sqrt()
         usable = stats.present & (rms > 0) & torch.isfinite(rms)
         logs = torch.where(usable, rms.clamp_min(_TINY).log(), torch.zeros_like(rms))
@@ -358,6 +379,7 @@ class Exploding(_PersistentLayerDetector):
         self.depth_ratio = check_positive("depth_ratio", depth_ratio)
         self.max_ratio = check_positive("max_ratio", max_ratio)
         self._param_norm: Tensor | None = None
+        self._weight_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
@@ -376,10 +398,23 @@ class Exploding(_PersistentLayerDetector):
             ratio, valid = _relative_to_weights(stats, self._param_norm, self.ctx.numel)
             cond = valid & (ratio > self.max_ratio) & torch.isfinite(ratio)
             self._track["ratio"].update(cond, ratio, step_t)
-            pn = (self._param_norm * stats.present).square().sum().sqrt()
-            total = (stats.total_norm / pn.clamp_min(_TINY)).reshape(1)
-            cond = finite & (pn > 0).reshape(1) & (total > self.max_ratio)
+            pn_safe, pn_pos = self._weight_total(stats.present)
+            total = (stats.total_norm / pn_safe).reshape(1)
+            cond = finite & pn_pos & (total > self.max_ratio)
             self._track["total"].update(cond, total, step_t)
+
+    def _weight_total(self, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Total weight norm over the present layers (floored) and whether it is > 0.
+
+        Weight norms change only at logging steps and the present-mask only when the set of
+        gradients does, so this is cached on the identity of both (the cache holds them alive).
+        """
+        c = self._weight_cache
+        if c is None or c[0] is not self._param_norm or c[1] is not present:
+            assert self._param_norm is not None
+            pn = (self._param_norm * present).square().sum().sqrt()
+            c = self._weight_cache = (self._param_norm, present, pn.clamp_min(_TINY), (pn > 0).reshape(1))
+        return c[2], c[3]
 
     def collect(self, values: list[list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
