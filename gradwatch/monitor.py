@@ -643,7 +643,7 @@ class GradWatch:
                 threshold=float(f.threshold),
                 severity=f.severity,  # type: ignore[arg-type]
                 message=f.message,
-                remedies=remedies_for(f.kind, self._facts, typical_norm=typical),
+                remedies=remedies_for(f.kind, self._facts, typical_norm=typical, source=f.source),
             )
             if f.kind == "nonfinite" and f.source == "grad" and self.on_nonfinite == "skip":
                 note = " The step was skipped: no weight or optimizer state changed."

@@ -164,13 +164,16 @@ def _clip_remedy(typical_norm: float | None) -> str:
     return "Clip gradients: gw.clip.Norm(max_norm=1.0), or gw.clip.ZScore() to clip only outliers."
 
 
-def remedies_for(kind: str, facts: ModelFacts, *, typical_norm: float | None = None) -> tuple[str, ...]:
+def remedies_for(
+    kind: str, facts: ModelFacts, *, typical_norm: float | None = None, source: str | None = None
+) -> tuple[str, ...]:
     """Ranked remedies for an alert of ``kind`` on a model with these facts.
 
     Args:
         kind: the alert kind.
         facts: from :func:`inspect_model`.
         typical_norm: typical total gradient norm observed (for a clipping threshold).
+        source: the check that fired (``"time:<layer>"`` for vanishing across time steps).
     """
     out: list[str] = []
     squashing = facts.sigmoid + facts.tanh
@@ -183,6 +186,20 @@ def remedies_for(kind: str, facts: ModelFacts, *, typical_norm: float | None = N
         "memory cell keep the gradient alive across time steps (set the LSTM forget-gate bias to 1, or ~3 for "
         "~50-step memories: a fraction sigmoid(bias)^T of the cell survives T steps at init)."
     )
+    if kind == "vanishing" and source is not None and source.startswith("time:"):
+        layer = source[len("time:") :]
+        if layer in facts.vanilla_rnn:
+            out.append(rnn_fix)
+        else:
+            out.append(
+                f"If `{layer}` is an LSTM, raise its forget-gate bias (entries [H:2H] of bias_ih/bias_hh) to 1, or "
+                "~3 for ~50-step memories: a fraction sigmoid(bias)^T of the cell survives T steps at init."
+            )
+        out.append(
+            "Shorten the span the gradient must cross: a loss at every time step (not only the last), shorter "
+            "or chunked sequences, or attention / skip connections across time."
+        )
+        return tuple(out)
     if kind == "vanishing":
         if facts.zero_init:
             out.append(

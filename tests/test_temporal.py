@@ -212,3 +212,23 @@ def test_profiling_is_sync_free_in_forward_backward_and_on_non_logging_steps() -
     assert fwd_bwd == [[]] * 6  # the hooks only queue device work, even on logging steps
     assert [steps[i] for i in (1, 2, 4, 5)] == [[]] * 4
     assert steps[0] == steps[3] == ["tolist"]  # the logging step's single transfer
+
+
+def test_time_vanishing_remedies_fit_the_cell() -> None:
+    from gradwatch.remedies import inspect_model, remedies_for
+
+    shorten = (
+        "Shorten the span the gradient must cross: a loss at every time step (not only the last), shorter "
+        "or chunked sequences, or attention / skip connections across time."
+    )
+    lstm = remedies_for("vanishing", inspect_model(Seq(nn.LSTM)), source="time:rnn")
+    assert lstm == (
+        "If `rnn` is an LSTM, raise its forget-gate bias (entries [H:2H] of bias_ih/bias_hh) to 1, or ~3 for "
+        "~50-step memories: a fraction sigmoid(bias)^T of the cell survives T steps at init.",
+        shorten,
+    )
+    rnn = remedies_for("vanishing", inspect_model(Seq(nn.RNN)), source="time:rnn")
+    assert len(rnn) == 2 and rnn[1] == shorten
+    assert rnn[0].startswith("Replace the vanilla recurrent cell `rnn` with nn.LSTM or nn.GRU")
+    # Depth findings on the same model keep the general ranking.
+    assert remedies_for("vanishing", inspect_model(Seq(nn.RNN)), source="depth")[0] == rnn[0]
