@@ -248,6 +248,8 @@ def _report(args: argparse.Namespace, out: TextIO, err: TextIO, parser: argparse
         path = build_report(args.runs, args.output, png=args.png, title=args.title)
     except ValueError as exc:
         parser.error(str(exc))
+    except ModuleNotFoundError as exc:
+        parser.exit(1, f"gradwatch report: error: {exc}\n")
     out.write(f"report: {path}\n")
     if args.png:
         out.write(f"figures: {path.with_name(path.stem + '_png')}\n")

@@ -152,3 +152,15 @@ def test_demo_with_wandb_offline(tmp_path: Path, monkeypatch) -> None:
         assert r.exit_code == 0
     none = runs["clipping-none"]
     assert [a["title"] for a in none.alerts][:1] == ["gradwatch: non-finite gradients in 8"]
+
+
+def test_report_without_matplotlib_says_how_to_install_it(clipping_demo, monkeypatch, capsys) -> None:
+    out = clipping_demo[0]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(out / "clipping-none.jsonl"), "-o", str(out / "x.html")])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == (
+        "gradwatch report: error: gradwatch report needs matplotlib: pip install 'gradwatch[report]'\n"
+    )
+    assert not (out / "x.html").exists()

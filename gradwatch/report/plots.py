@@ -27,7 +27,7 @@ def require_matplotlib() -> Any:
     """
     try:
         import matplotlib
-    except ModuleNotFoundError as exc:  # pragma: no cover - matplotlib is in the dev extra
+    except ImportError as exc:
         raise ModuleNotFoundError(
             "gradwatch report needs matplotlib: pip install 'gradwatch[report]'"
         ) from exc
