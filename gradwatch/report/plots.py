@@ -90,8 +90,9 @@ def heatmap(run: Run) -> bytes:
 
 
 def flow_steps(run: Run, k: int = 3) -> list[int]:
-    """Logging steps for the gradient-flow chart: first, middle, last (distinct)."""
-    s = run.steps
+    """Logging steps for the gradient-flow chart: first, middle, last (distinct) with finite gradients."""
+    finite = [s for s, m in zip(run.steps, run.metrics) if 0 < m.get("grad_norm/total", math.nan) < math.inf]
+    s = finite or run.steps
     picks = [s[0], s[len(s) // 2], s[-1]] if s else []
     return list(dict.fromkeys(picks))[:k]
 
