@@ -6,9 +6,9 @@ to the same initial weights with a fresh optimizer, ``--warmup`` untimed steps r
 ``--chunks`` timed chunks of ``--chunk`` steps of the variant alternate with as many steps of
 the bare loop on the same model: step by step on CPU (B V B V ..., then V B V B ... in the next
 chunk), chunk by chunk on CUDA (B V V B ..., synchronizing only at chunk boundaries). The variant
-is simply not called during bare steps, and its own step count runs on. Variants that install
-hooks (``acts``, ``wandb``) cannot leave them during bare steps: they run a bare block and then
-a block of their own. A chunk's
+is simply not called during bare steps, and its own step count runs on; forward hooks
+(``acts``) are taken out around bare steps, outside the timed region. ``wandb`` hooks every
+parameter's gradient: it runs a bare block and then a block of its own. A chunk's
 time divided by its steps is one sample, so with ``--chunk 10`` every sample holds exactly one
 gradwatch logging step (``log_every=10``) and the logging cost is not hidden by the median.
 Each variant chunk's ratio to the bare chunk it alternated with is one ratio; the table shows
@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,9 +289,23 @@ def train_step(wl: Workload, opt: torch.optim.Optimizer, variant: Variant) -> No
     opt.step()
 
 
-# Variants that install hooks (forward hooks, gradient hooks): their bare chunks cannot run in the
-# same block, so they are timed in a block of their own right after a bare block.
-HOOKED = ("acts", "wandb")
+# Variants that install gradient hooks: their bare steps cannot run in the same block, so they are
+# timed in a block of their own right after a bare block. (The forward hooks of ``acts`` are
+# switched off around its bare steps instead, outside the timed region.)
+HOOKED = ("wandb",)
+
+
+@contextlib.contextmanager
+def _forward_hooks_off(model: nn.Module, off: bool) -> Iterator[None]:
+    """Take every module's forward hooks out for a bare step (and put them back)."""
+    saved = [(m, m._forward_hooks) for m in model.modules() if m._forward_hooks] if off else []
+    for m, _ in saved:
+        m._forward_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks = hooks
 
 
 def _time_chunk(wl: Workload, opt: torch.optim.Optimizer, variant: Variant, n: int,
@@ -341,7 +356,8 @@ def run_block(
         for _ in range(warm):
             train_step(wl, opt, variant)
             if variant.name not in HOOKED:
-                train_step(wl, opt, bare)
+                with _forward_hooks_off(wl.model, True):
+                    train_step(wl, opt, bare)
         for i in range(args.chunks):
             if variant.name in HOOKED:
                 record(out_v, _time_chunk(wl, opt, variant, args.chunk, device))
@@ -353,14 +369,16 @@ def run_block(
                 sums = {bare: [0.0, 0.0], variant: [0.0, 0.0]}
                 for _ in range(args.chunk):
                     for who in order:
-                        t = _time_chunk(wl, opt, who, 1, device)
+                        with _forward_hooks_off(wl.model, who is bare):
+                            t = _time_chunk(wl, opt, who, 1, device)
                         sums[who][0] += t[0]
                         sums[who][1] += t[1]
                 record(out_b, (sums[bare][0] / args.chunk, sums[bare][1] / args.chunk))
                 record(out_v, (sums[variant][0] / args.chunk, sums[variant][1] / args.chunk))
                 continue
             for who in order:
-                record(out_b if who is bare else out_v, _time_chunk(wl, opt, who, args.chunk, device))
+                with _forward_hooks_off(wl.model, who is bare):
+                    record(out_b if who is bare else out_v, _time_chunk(wl, opt, who, args.chunk, device))
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
     finally:
