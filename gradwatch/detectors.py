@@ -365,31 +365,74 @@ class Exploding(_PersistentLayerDetector):
       healthy layers stay below ~2; oversized init and exploding recurrences give 1e4 and more.
       Layers with zero-initialised weights are excluded.
     * ``total``: the same ratio for the whole model (total gradient norm over total weight norm).
+    * ``growth``: the total gradient norm exceeds ``growth`` times its level over the first
+      ``growth_warmup`` steps (geometric mean). Default 1e4: a divergence in which gradients and
+      weights grow together keeps ||g||/||w|| flat and grows ~1.4x per step without ever looking
+      like a spike (a linear model under SGD at 6x its stable learning rate: 0.9 -> 3e6 in 90
+      steps); healthy runs' norms drift by a few x, and fall rather than rise as training
+      converges. Four orders of magnitude leave a wide margin.
 
     Args:
         depth_ratio: threshold on early/late gradient RMS.
         max_ratio: threshold on ||g|| / ||w||.
+        growth: threshold on the total norm over its early level.
+        growth_warmup: steps whose norms set the early level.
         persist: consecutive steps a condition must hold.
     """
 
-    sources = (("depth", False), ("ratio", True), ("total", False))
+    sources = (("depth", False), ("ratio", True), ("total", False), ("growth", False))
 
-    def __init__(self, depth_ratio: float = 1e5, max_ratio: float = 50.0, persist: int = 3) -> None:
+    def __init__(
+        self,
+        depth_ratio: float = 1e5,
+        max_ratio: float = 50.0,
+        growth: float = 1e4,
+        growth_warmup: int = 20,
+        persist: int = 3,
+    ) -> None:
         super().__init__(persist)
         self.depth_ratio = check_positive("depth_ratio", depth_ratio)
         self.max_ratio = check_positive("max_ratio", max_ratio)
+        self.growth = check_positive("growth", growth)
+        if self.growth <= 1:
+            raise ValueError(f"`growth` must be > 1; got {growth!r}")
+        self.growth_warmup = check_int("growth_warmup", growth_warmup, 1)
         self._param_norm: Tensor | None = None
         self._weight_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         self._profile = _DepthProfile(ctx)
+        self._ref_sum = torch.zeros((), device=ctx.device)
+        self._ref_count = torch.zeros((), device=ctx.device)
+
+    def _update_growth(self, total: Tensor, step_t: Tensor) -> None:
+        usable = torch.isfinite(total) & (total > 0)
+        x = total.clamp_min(_TINY).log()
+        ready = self._ref_count >= self.growth_warmup
+        excess = x - self._ref_sum / self._ref_count.clamp_min(1)
+        cond = (usable & ready & (excess > math.log(self.growth))).reshape(1)
+        self._track["growth"].update(cond, excess.exp().reshape(1), step_t)
+        learn = usable & ~ready
+        self._ref_sum = torch.where(learn, self._ref_sum + x, self._ref_sum)
+        self._ref_count = self._ref_count + learn.to(self._ref_count.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "growth_ref": {"sum": self._ref_sum, "count": self._ref_count}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        ref = state.get("growth_ref")
+        if ref is not None:
+            self._ref_sum = ref["sum"].to(self._ref_sum.device)
+            self._ref_count = ref["count"].to(self._ref_count.device)
 
     def update(self, stats: GradStats, step_t: Tensor, activations: ActivationStats | None) -> None:
         assert self.ctx is not None
         if stats.param_norm is not None:
             self._param_norm = stats.param_norm
         finite = torch.isfinite(stats.total_norm).reshape(1)
+        self._update_growth(stats.total_norm, step_t)
         if self._profile.enabled:
             log_r, ok = self._profile.log_ratio(stats, self.ctx.numel)
             cond = ok & (log_r > math.log(self.depth_ratio))
@@ -454,6 +497,20 @@ class Exploding(_PersistentLayerDetector):
                     f"Exploding gradients at step {s}: {names[i]}{more} has a gradient {_fmt(v)}x its "
                     f"weight norm (threshold {_fmt(self.max_ratio)}).",
                     layers,
+                )
+            )
+        for _, s, v in fired["growth"]:
+            out.append(
+                Finding(
+                    "exploding",
+                    "growth",
+                    s,
+                    None,
+                    v,
+                    self.growth,
+                    "warning",
+                    f"Exploding gradients at step {s}: the total gradient norm has grown to {_fmt(v)}x its level "
+                    f"over the first {self.growth_warmup} steps (threshold {_fmt(self.growth)}).",
                 )
             )
         for _, s, v in fired["total"]:

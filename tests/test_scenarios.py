@@ -10,6 +10,8 @@ import torch
 from _models import GRURegressor, PreLNTransformer, SmallResNet, he, mlp, train, xavier_tanh
 from torch import nn
 
+import gradwatch as gw
+
 
 def _kinds(monitor) -> list[str]:
     return [a.kind for a in monitor.alerts]
@@ -159,3 +161,26 @@ def test_healthy_training_raises_no_alert(name):
     monitor, losses = train(build(), task, 150, track_activations=track)
     assert monitor.alerts == []
     assert sum(losses[-10:]) < sum(losses[:10])  # it did learn: a silent monitor on a broken run proves nothing
+
+
+def test_slow_divergence_with_growing_weights_is_flagged_by_growth():
+    # Gradients and weights grow together (1.4x per step from step 25): ||g||/||w|| stays at 0.3
+    # and no single step is a spike; only the growth over the early level shows the divergence.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    monitor = gw.GradWatch(model, sinks=[], on_alert="ignore", log_every=1)
+    base = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for t in range(80):
+        factor = 1.4 ** max(0, t - 25)
+        noise = 1 + 0.1 * torch.randn((), generator=gen).item()
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), base):
+                p.copy_(w * factor)
+                p.grad = 0.3 * w * factor * noise
+        monitor.step()
+    assert [(a.kind, a.step) for a in monitor.alerts] == [("exploding", 55)]  # 1.4^28 > 1e4, held 3 steps
+    alert = monitor.alerts[0]
+    assert 1e4 < alert.value < 1e5 and alert.layer is None
+    assert alert.message.startswith("Exploding gradients at step 55: the total gradient norm has grown to ")
+    assert alert.message.endswith("x its level over the first 20 steps (threshold 1.00e+04).")
