@@ -87,3 +87,33 @@ def test_exactly_one_scalar_sync_with_skip():
         expected = ["__bool__", "tolist"] if step % 5 == 0 else ["__bool__"]
         assert calls == expected, step
     monitor.close()
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def test_no_sync_on_non_logging_steps_with_time_profile():
+    torch.manual_seed(0)
+    model = _Recurrent()
+    monitor = gw.GradWatch(model, sinks=[], on_nonfinite="warn", log_every=4, track_time=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    per_step = []
+    for _ in range(9):
+        with count_syncs() as fwd_calls:
+            loss = model(torch.randn(4, 6, 3)).square().mean()
+            loss.backward()
+        with count_syncs() as calls:
+            monitor.step()
+        per_step.append(fwd_calls + calls)
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    assert [len(c) for c in per_step] == [1, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert per_step[4] == ["tolist"]
