@@ -345,8 +345,8 @@ class GradWatch:
                     stats = replace(stats, nonfinite=nonfinite | stats.nonfinite)
                 logging_step = True
                 if self.on_nonfinite == "raise":
-                    bad = [self._layers[i].name for i in reversed(range(len(self._layers)))
-                           if bool(stats.nonfinite[i])]
+                    flags = stats.nonfinite.tolist()  # one read on this rare path
+                    bad = [self._layers[i].name for i in reversed(range(len(self._layers))) if flags[i]]
                     self._finish_step()
                     raise NonFiniteGradientError(step, bad)
                 report.skipped = True
