@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
+from _syncs import count_syncs
 from torch import nn
 
 import gradwatch as gw
@@ -290,33 +290,6 @@ def test_percentile_rejects_state_of_other_history() -> None:
 
 
 # ------------------------------------------------------------------------------ host syncs
-_READBACK = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
-
-
-@contextlib.contextmanager
-def count_readbacks():
-    """Count calls of the Tensor methods that read a value back to the host."""
-    calls: list[str] = []
-    originals = {m: getattr(torch.Tensor, m) for m in _READBACK}
-
-    def wrap(name):
-        orig = originals[name]
-
-        def counted(self, *a, **k):
-            calls.append(name)
-            return orig(self, *a, **k)
-
-        return counted
-
-    for m in _READBACK:
-        setattr(torch.Tensor, m, wrap(m))
-    try:
-        yield calls
-    finally:
-        for m, orig in originals.items():
-            setattr(torch.Tensor, m, orig)
-
-
 CLIPPERS = {
     "norm": lambda: gw.clip.Norm(0.05),
     "norm_l1": lambda: gw.clip.Norm(0.05, norm_type=1.0),
@@ -334,7 +307,7 @@ def test_clippers_never_read_back_on_non_logging_steps(name: str) -> None:
     per_step = []
     for k in range(9):
         set_grads(model, torch.Generator().manual_seed(k), scale=1.0 + 20.0 * (k == 6))
-        with count_readbacks() as calls:
+        with count_syncs() as calls:
             mon.step()
         per_step.append(calls)
     assert per_step == [["tolist"] if k % 4 == 0 else [] for k in range(9)]

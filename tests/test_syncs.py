@@ -3,39 +3,12 @@ one scalar with "skip", one transfer on logging steps."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from _syncs import count_syncs
 from torch import nn
 
 import gradwatch as gw
-
-_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
-
-
-@contextlib.contextmanager
-def count_syncs():
-    """Patch the Tensor methods that read a value back to the host; count their calls."""
-    calls: list[str] = []
-    originals = {m: getattr(torch.Tensor, m) for m in _METHODS}
-
-    def wrap(name):
-        orig = originals[name]
-
-        def counted(self, *a, **k):
-            calls.append(name)
-            return orig(self, *a, **k)
-
-        return counted
-
-    for m in _METHODS:
-        setattr(torch.Tensor, m, wrap(m))
-    try:
-        yield calls
-    finally:
-        for m, orig in originals.items():
-            setattr(torch.Tensor, m, orig)
 
 
 def _model() -> nn.Module:
