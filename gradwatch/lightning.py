@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
+from gradwatch._options import check_callback_options
 from gradwatch.monitor import GradWatch, StepReport
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.console import Console
@@ -46,7 +45,6 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 _BASES = _callback_bases()
-_OPTIONS = [p for p in inspect.signature(GradWatch.__init__).parameters if p not in ("self", "model")]
 
 
 class _LightningGradWatch(GradWatch):
@@ -137,22 +135,10 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        if "scaler" in options:
-            raise TypeError(
-                "GradWatchCallback takes the AMP scaler from the Trainer's precision plugin; do not pass `scaler`"
-            )
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise TypeError(
-                f"GradWatchCallback got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(o for o in _OPTIONS if o != 'scaler')}"
-            )
-        # Check every value now, with GradWatch's own messages, on a throwaway one-layer model
-        # (not closed: closing would close the user's sinks).
-        sinks = options.get("sinks")
-        GradWatch(nn.Linear(1, 1), **{**options, "sinks": sinks if sinks is None else list(sinks)})
+        self.sinks: Sequence[Sink] | None = check_callback_options(
+            "GradWatchCallback", options, "the Trainer's precision plugin"
+        )
         self.options = dict(options)
-        self.sinks: Sequence[Sink] | None = None if sinks is None else list(sinks)
         self.monitor: _LightningGradWatch | None = None
         self.last_report: StepReport | None = None
         self._pending_state: dict[str, Any] | None = None

@@ -98,3 +98,27 @@ def test_no_warning_for_a_normal_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gw.GradWatch(_model(), sinks=[]).close()
+
+
+def _callbacks():
+    from gradwatch.integrations.transformers import GradWatchTrainerCallback
+    from gradwatch.lightning import GradWatchCallback
+
+    return [(GradWatchCallback, "the Trainer's precision plugin"), (GradWatchTrainerCallback, "the Trainer")]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["lightning", "transformers"])
+def test_callbacks_check_options_like_the_monitor(index):
+    cls, scaler_source = _callbacks()[index]
+    name = cls.__name__
+    with pytest.raises(TypeError, match=re.escape(
+        f"{name} got unexpected keyword argument(s) 'log_evry'; allowed: detectors, clip, on_nonfinite, on_alert, "
+        "sinks, log_every, granularity, track_activations, track_time, history_size, max_alerts, remind_every"
+    )):
+        cls(log_evry=3)
+    with pytest.raises(TypeError, match=re.escape(f"{name} takes the AMP scaler from {scaler_source}; do not pass")):
+        cls(scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=re.escape("`log_every` must be an integer >= 1; got 0")):
+        cls(log_every=0)
+    sink = gw.sinks.Console()
+    assert cls(sinks=(sink,)).sinks == [sink]

@@ -14,7 +14,6 @@ warns once when it finds ``max_grad_norm > 0``.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwatch._options import check_callback_options
 from gradwatch.errors import GradWatchWarning
 from gradwatch.monitor import GradWatch, StepReport
 from gradwatch.sinks.base import Sink
@@ -36,7 +36,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = ["GradWatchTrainerCallback"]
 
-_OPTIONS = [p for p in inspect.signature(GradWatch.__init__).parameters if p not in ("self", "model", "scaler")]
 
 
 class _TrainerGradWatch(GradWatch):
@@ -104,20 +103,8 @@ class GradWatchTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, **options: Any) -> None:
-        if "scaler" in options:
-            raise TypeError("GradWatchTrainerCallback takes the AMP scaler from the Trainer; do not pass `scaler`")
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise TypeError(
-                f"GradWatchTrainerCallback got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(_OPTIONS)}"
-            )
-        sinks = options.get("sinks")
-        # Check every value now, with GradWatch's own messages, on a throwaway one-layer model
-        # (not closed: closing would close the user's sinks).
-        GradWatch(nn.Linear(1, 1), **{**options, "sinks": sinks if sinks is None else list(sinks)})
+        self.sinks: Sequence[Sink] | None = check_callback_options("GradWatchTrainerCallback", options, "the Trainer")
         self.options = dict(options)
-        self.sinks: Sequence[Sink] | None = None if sinks is None else list(sinks)
         self.monitor: _TrainerGradWatch | None = None
         self.last_report: StepReport | None = None
         self._warned = False
