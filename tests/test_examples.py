@@ -1,0 +1,64 @@
+"""The example scripts run as a user would run them (a subprocess each, in a fresh folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradwatch.reference import get_scenario
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(script: str, cwd: Path) -> str:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_plain_loop(tmp_path):
+    out = _run("plain_loop.py", tmp_path)
+    assert "records: runs/plain_loop/*.jsonl" in out
+    files = sorted((tmp_path / "runs" / "plain_loop").glob("*.jsonl"))
+    assert files
+    for f in files:
+        records = [json.loads(line) for line in f.read_text().splitlines()]
+        assert records[0]["type"] == "meta"
+        steps = [r["step"] for r in records if r["type"] == "metrics"]
+        assert steps == sorted(set(steps)) and steps[0] == 0
+
+
+def test_lightning_callback(tmp_path):
+    out = _run("lightning_callback.py", tmp_path)
+    assert "resumed: monitor steps 20 -> 40, alerts carried over: True" in out
+
+
+def test_wandb_alerts(tmp_path):
+    out = _run("wandb_alerts.py", tmp_path)
+    assert "W&B alerts sent: ['vanishing', 'spike', 'exploding']" in out
+    run_dir = next(line.split()[-1] for line in out.splitlines() if line.startswith("upload it with:  wandb sync "))
+    assert list((tmp_path / run_dir).glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "scenario", ["activation", "recurrence", "residual", "initialisation", "normalisation", "clipping"]
+)
+def test_remedy_example(tmp_path, scenario):
+    out = _run(f"remedy_{scenario}.py", tmp_path)
+    lines = [line for line in out.splitlines() if line.startswith(("pathology ", "remedy "))]
+    variants = get_scenario(scenario).variants
+    assert len(lines) == len(variants)
+    for line, variant in zip(lines, variants):
+        assert line.split()[:2] == [variant.role, variant.name]
+        if variant.role == "remedy":
+            assert "no alert" in line, line
+        else:
+            assert f"  {variant.expect}" in line, line  # the kinds follow the loss column
