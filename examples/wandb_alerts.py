@@ -107,12 +107,14 @@ def main() -> None:
     torch.set_num_threads(1)  # models this small run fastest on one thread
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    args.dir.mkdir(parents=True, exist_ok=True)
-    run = lightning(args.dir, args.steps) if args.lightning else plain(args.dir, args.steps)
+    out = args.dir.resolve()  # absolute: a wandb service shared with another process has its own cwd
+    out.mkdir(parents=True, exist_ok=True)
+    run = lightning(out, args.steps) if args.lightning else plain(out, args.steps)
     run_dir = Path(run.dir).parent  # .../wandb/offline-run-<date>-<id>
     wandb.finish()
-    print(f"offline run written to {run_dir}")
-    print(f"upload it with:  wandb sync {run_dir}")
+    shown = run_dir.relative_to(Path.cwd()) if run_dir.is_relative_to(Path.cwd()) else run_dir
+    print(f"offline run written to {shown}")
+    print(f"upload it with:  wandb sync {shown}")
 
 
 if __name__ == "__main__":

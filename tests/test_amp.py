@@ -240,7 +240,7 @@ def test_fused_optimizer_sees_scaled_gradients_in_its_pre_hook(pass_scaler: bool
 def test_no_readback_on_non_logging_steps_with_a_scaler(mode: str) -> None:
     # With scaler=, inf/NaN belong to the scaler, so even the default on_nonfinite="skip" needs no
     # host sync: non-logging steps read nothing back, logging steps one stacked transfer.
-    from test_clip import count_readbacks
+    from _syncs import count_syncs
 
     model, _, data = setup()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # Adam's own step reads its step counts back
@@ -258,7 +258,7 @@ def test_no_readback_on_non_logging_steps_with_a_scaler(mode: str) -> None:
             scaler.unscale_(opt)
         if mode == "attach":
             scaler.unscale_(opt)  # GradScaler's own step reads found_inf back (.item()): keep it out of the count
-        with count_readbacks() as calls:
+        with count_syncs() as calls:
             if mode == "attach":
                 opt.step()  # runs the monitor in the pre-hook
             else:

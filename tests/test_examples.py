@@ -16,7 +16,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _run(script: str, cwd: Path) -> str:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # A fresh process, as a user runs it: not attached to a wandb service an earlier test started.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )

@@ -16,6 +16,7 @@ import json
 import sys
 import tracemalloc
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -217,11 +218,34 @@ def test_attach_adds_only_the_policy_reads_to_optimizer_step(mode: str, expected
 
 
 # --------------------------------------------------------------------------------- memory bounds
-def _tensor_bytes() -> tuple[int, int]:
-    """Number and total bytes of the torch tensors alive in this process."""
+def _tensor_bytes(monitor: gw.GradWatch) -> tuple[int, int]:
+    """Number and total bytes of the torch tensors the monitor holds (reachable from it).
+
+    Walks the monitor's own objects (containers and gradwatch instances, not the model or the
+    optimizer): counting every tensor of the process instead picks up what earlier tests and
+    library threads leave alive, which says nothing about the monitor. Leaks elsewhere are caught
+    by the heap check below.
+    """
     gc.collect()
-    ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    return len(ts), sum(t.numel() * t.element_size() for t in ts)
+    seen: set[int] = set()
+    found: dict[int, torch.Tensor] = {}
+    stack: list[object] = [monitor]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            found[id(o)] = o
+        elif isinstance(o, (nn.Module, torch.optim.Optimizer)):
+            continue
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset, deque)):
+            stack.extend(o)
+        elif type(o).__module__.startswith("gradwatch") and hasattr(o, "__dict__"):
+            stack.extend(vars(o).values())
+    return len(found), sum(t.numel() * t.element_size() for t in found.values())
 
 
 def test_memory_stays_bounded_over_10000_steps(tmp_path: Path) -> None:
@@ -263,7 +287,7 @@ def test_memory_stays_bounded_over_10000_steps(tmp_path: Path) -> None:
                 len(monitor._collector._cache),  # type: ignore[union-attr]
                 monitor.clip.state_dict()["buffer"].numel(),  # type: ignore[union-attr]
             )
-            tensors[step] = _tensor_bytes()
+            tensors[step] = _tensor_bytes(monitor)
             if step == 7_999:
                 tracemalloc.start()
             elif step > 7_999:
@@ -272,6 +296,7 @@ def test_memory_stays_bounded_over_10000_steps(tmp_path: Path) -> None:
     assert monitor.skipped_steps == 2_000
     assert sizes[1_999] == sizes[7_999] == sizes[8_999] == sizes[9_999] == (25, 7, 1, 2, 16)
     assert {a.kind for a in monitor.alerts} == {"nonfinite"}
+    assert tensors[1_999][0] > 50  # detector, clipper, tracker and cache tensors were all reached
     assert tensors[1_999] == tensors[7_999] == tensors[9_999]  # the same tensors alive, the same bytes
     # The ring buffers were refilled after tracing started, so both readings hold full buffers;
     # a leak of one small object per step would add >= 1,000 objects (>= 32 KiB) between them.
