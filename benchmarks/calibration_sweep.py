@@ -152,7 +152,7 @@ run(
 )
 # 7 diverging SGD
 run(
-    "mlp sgd lr 5 diverges",
+    "mlp sgd lr 5 (ReLUs die)",
     nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 5)),
     cls,
     ce,
