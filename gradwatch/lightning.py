@@ -47,19 +47,6 @@ def _callback_bases() -> tuple[type, ...]:
 _BASES = _callback_bases()
 
 
-class _LightningGradWatch(GradWatch):
-    """A :class:`GradWatch` whose step counter follows ``trainer.global_step``."""
-
-    def follow_step(self, step: int) -> None:
-        """Make the next step carry number ``step``."""
-        if step == self._step:
-            return
-        self._step = step
-        step_t = getattr(self, "_step_t", None)
-        if step_t is not None:
-            step_t.fill_(float(step))
-
-
 def _scaler(trainer: Any) -> Any:
     """The Trainer's AMP ``GradScaler`` (``16-mixed``), or ``None``.
 
@@ -139,7 +126,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             "GradWatchCallback", options, "the Trainer's precision plugin"
         )
         self.options = dict(options)
-        self.monitor: _LightningGradWatch | None = None
+        self.monitor: GradWatch | None = None
         self.last_report: StepReport | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -175,7 +162,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if self._pending_state is None:
                 self._pending_state = previous.state_dict()
         opts = {k: v for k, v in self.options.items() if k != "sinks"}
-        self.monitor = _LightningGradWatch(pl_module, sinks=self._build_sinks(trainer), scaler=_scaler(trainer), **opts)
+        self.monitor = GradWatch(pl_module, sinks=self._build_sinks(trainer), scaler=_scaler(trainer), **opts)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -185,7 +172,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         monitor = self.monitor
         if monitor is None or monitor._closed:
             return
-        monitor.follow_step(int(trainer.global_step))
+        monitor._follow_step(int(trainer.global_step))
         self.last_report = monitor._step_from(getattr(optimizer, "_optimizer", optimizer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:

@@ -373,6 +373,15 @@ class GradWatch:
         values = self._transfer([t for d in self._watchers() for t in d.pending()])
         return self._emit(self._collect(values))
 
+    def _follow_step(self, step: int) -> None:
+        """Make the next step carry number ``step`` (a Trainer's ``global_step``, after a resume)."""
+        if step == self._step:
+            return
+        self._step = step
+        step_t = getattr(self, "_step_t", None)
+        if step_t is not None:
+            step_t.fill_(float(step))
+
     def _step_from(self, optimizer: torch.optim.Optimizer) -> StepReport:
         """Run :meth:`step` for ``optimizer``'s coming step (a pre-hook, Lightning's callback).
 

@@ -11,10 +11,10 @@ READBACK_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy
 
 
 @contextlib.contextmanager
-def count_syncs() -> Iterator[list[str]]:
-    """Yield a list that records, in order, each read-back method called inside the block."""
+def count_syncs(methods: tuple[str, ...] = READBACK_METHODS) -> Iterator[list[str]]:
+    """Yield a list that records, in order, each of ``methods`` called on a Tensor inside the block."""
     calls: list[str] = []
-    originals = {m: getattr(torch.Tensor, m) for m in READBACK_METHODS}
+    originals = {m: getattr(torch.Tensor, m) for m in methods}
 
     def wrap(name):
         orig = originals[name]
@@ -25,7 +25,7 @@ def count_syncs() -> Iterator[list[str]]:
 
         return counted
 
-    for m in READBACK_METHODS:
+    for m in methods:
         setattr(torch.Tensor, m, wrap(m))
     try:
         yield calls

@@ -9,7 +9,6 @@ the remaining ``on_nonfinite`` policies, and counts ``.cpu()`` too.)
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib.util
 import json
@@ -17,42 +16,24 @@ import sys
 import tracemalloc
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from _syncs import READBACK_METHODS, count_syncs
 from torch import nn
 
 import gradwatch as gw
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every Tensor method that hands a value to the host (a host-device sync on a GPU).
-_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+_READS = (*READBACK_METHODS, "__index__", "cpu")
 
 
-@contextlib.contextmanager
-def count_reads() -> Iterator[list[str]]:
-    """Patch the Tensor methods that read values back to the host; record each call's name."""
-    calls: list[str] = []
-    originals = {m: getattr(torch.Tensor, m) for m in _READS}
-
-    def wrap(name: str) -> Callable[..., object]:
-        orig = originals[name]
-
-        def counted(self: torch.Tensor, *a: object, **k: object) -> object:
-            calls.append(name)
-            return orig(self, *a, **k)
-
-        return counted
-
-    for m in _READS:
-        setattr(torch.Tensor, m, wrap(m))
-    try:
-        yield calls
-    finally:
-        for m, orig in originals.items():
-            setattr(torch.Tensor, m, orig)
+def count_reads():
+    """Count every read back to the host, ``.cpu()`` and ``__index__`` included."""
+    return count_syncs(_READS)
 
 
 # ------------------------------------------------------------------------------------ models

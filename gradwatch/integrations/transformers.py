@@ -38,19 +38,6 @@ __all__ = ["GradWatchTrainerCallback"]
 
 
 
-class _TrainerGradWatch(GradWatch):
-    """A :class:`GradWatch` whose step counter follows the Trainer's ``state.global_step``."""
-
-    def follow_step(self, step: int) -> None:
-        """Make the next step carry number ``step``."""
-        if step == self._step:
-            return
-        self._step = step
-        step_t = getattr(self, "_step_t", None)
-        if step_t is not None:
-            step_t.fill_(float(step))
-
-
 def _clip_message(max_grad_norm: float, clip: Any) -> str:
     if clip is not None:
         return (
@@ -105,7 +92,7 @@ class GradWatchTrainerCallback(TrainerCallback):
     def __init__(self, **options: Any) -> None:
         self.sinks: Sequence[Sink] | None = check_callback_options("GradWatchTrainerCallback", options, "the Trainer")
         self.options = dict(options)
-        self.monitor: _TrainerGradWatch | None = None
+        self.monitor: GradWatch | None = None
         self.last_report: StepReport | None = None
         self._warned = False
 
@@ -124,14 +111,14 @@ class GradWatchTrainerCallback(TrainerCallback):
         opts = {k: v for k, v in self.options.items() if k != "sinks"}
         optimizer = kwargs.get("optimizer")
         scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer under fp16
-        self.monitor = _TrainerGradWatch(model, sinks=self.sinks, scaler=scaler, **opts)
+        self.monitor = GradWatch(model, sinks=self.sinks, scaler=scaler, **opts)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Run one gradwatch step on the gradients the optimizer is about to apply."""
         monitor = self.monitor
         if monitor is None or monitor._closed:
             return
-        monitor.follow_step(int(state.global_step))
+        monitor._follow_step(int(state.global_step))
         optimizer = kwargs.get("optimizer")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         if isinstance(inner, torch.optim.Optimizer):
