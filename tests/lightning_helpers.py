@@ -161,3 +161,21 @@ def trainer_kwargs(**over: Any) -> dict[str, Any]:
     )
     kw.update(over)
     return kw
+
+
+def sigmoid_stack(seed: int = 0) -> nn.Module:
+    """Deep sigmoid MLP (a LightningModule), PyTorch default init: the textbook vanishing case."""
+    torch.manual_seed(seed)
+    return make_module_class(pl_package())(depth=10, width=32, act="sigmoid")
+
+
+def train_plain(monitor: Any, model: nn.Module, steps: int) -> None:
+    """A plain SGD loop over :func:`loader` with ``monitor.step()`` before each optimizer step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i, (x, y) in enumerate(loader()):
+        if i == steps:
+            break
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        monitor.step()
+        opt.step()
+        opt.zero_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning_helpers import loader, make_module_class, pl_package, trainer_kwargs
+from lightning_helpers import loader, make_module_class, pl_package, sigmoid_stack, train_plain, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
@@ -29,22 +29,6 @@ def texts(acc: EventAccumulator, tag: str) -> list[tuple[int, str]]:
     return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
 
 
-def sigmoid_stack() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return make_module_class(pl_package())(depth=10, width=32, act="sigmoid")
-
-
-def train(monitor: gw.GradWatch, model: torch.nn.Module, steps: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for i, (x, y) in enumerate(loader()):
-        if i == steps:
-            break
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        monitor.step()
-        opt.step()
-        opt.zero_grad()
-
-
 def f32(x: float) -> float:
     return float(np.float32(x))
 
@@ -53,7 +37,7 @@ def test_scalars_alerts_and_histograms(tmp_path):
     model = sigmoid_stack()
     sink = gw.sinks.TensorBoard(tmp_path / "tb", histograms=True, histogram_every=2)
     monitor = gw.GradWatch(model, sinks=[sink], log_every=1, on_alert="ignore")
-    train(monitor, model, steps=5)
+    train_plain(monitor, model, steps=5)
     monitor.close()
 
     acc = events(tmp_path / "tb")
@@ -89,7 +73,7 @@ def test_given_writer_is_flushed_not_closed(tmp_path):
     writer = SummaryWriter(log_dir=str(tmp_path / "own"))
     model = sigmoid_stack()
     monitor = gw.GradWatch(model, sinks=[gw.sinks.TensorBoard(writer=writer)], log_every=2, on_alert="ignore")
-    train(monitor, model, steps=3)
+    train_plain(monitor, model, steps=3)
     monitor.close()
     writer.add_scalar("user/after_close", 1.5, 7)  # still open: the user owns it
     writer.close()

@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 import wandb
-from lightning_helpers import PACKAGES, loader, make_module_class, pl_package, trainer_kwargs
+from lightning_helpers import (
+    PACKAGES,
+    loader,
+    make_module_class,
+    pl_package,
+    sigmoid_stack,
+    train_plain,
+    trainer_kwargs,
+)
 from wandb_reader import find_run_file, read_records, read_run
 
 import gradwatch as gw
@@ -28,24 +36,6 @@ def offline(monkeypatch, tmp_path):
     yield
     if wandb.run is not None:
         wandb.finish()
-
-
-def sigmoid_stack(seed: int = 0) -> torch.nn.Module:
-    """Deep sigmoid MLP, PyTorch default init: the textbook case of vanishing gradients."""
-    torch.manual_seed(seed)
-    pl = pl_package()
-    return make_module_class(pl)(depth=10, width=32, act="sigmoid")
-
-
-def train(monitor: gw.GradWatch, model: torch.nn.Module, steps: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for i, (x, y) in enumerate(loader()):
-        if i == steps:
-            break
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        monitor.step()
-        opt.step()
-        opt.zero_grad()
 
 
 def expected_alert_records(alerts: list[gw.Alert], level: str = "WARN") -> list[dict]:
@@ -71,7 +61,7 @@ def test_plain_loop_history_alerts_table_and_heatmap(tmp_path):
     run = wandb.init(project="gradwatch-test", mode="offline", dir=tmp_path)
     model = sigmoid_stack()
     monitor = gw.GradWatch(model, sinks=[gw.sinks.Wandb(run, chart_every=5)], log_every=1, on_alert="ignore")
-    train(monitor, model, steps=10)
+    train_plain(monitor, model, steps=10)
     monitor.close()
     run.finish()
 
@@ -128,7 +118,7 @@ def test_alert_level_filters_wandb_alerts_but_not_the_table(tmp_path):
     model = sigmoid_stack()
     sink = gw.sinks.Wandb(run, alert_level="ERROR", chart_every=0)
     monitor = gw.GradWatch(model, sinks=[sink], log_every=1, on_alert="ignore")
-    train(monitor, model, steps=4)
+    train_plain(monitor, model, steps=4)
     monitor.close()
     run.finish()
     data = read_run(find_run_file(tmp_path))
@@ -144,7 +134,7 @@ def test_sink_starts_and_finishes_its_own_run(tmp_path):
     model = sigmoid_stack()
     sink = gw.sinks.Wandb(init_kwargs={"project": "gradwatch-test", "dir": str(tmp_path)}, chart_every=None)
     monitor = gw.GradWatch(model, sinks=[sink], log_every=2, on_alert="ignore")
-    train(monitor, model, steps=6)
+    train_plain(monitor, model, steps=6)
     monitor.close()
     assert wandb.run is None  # finished by the sink
     data = read_run(find_run_file(tmp_path))
@@ -236,7 +226,7 @@ def test_heatmap_without_matplotlib_warns_once_and_keeps_logging(tmp_path, monke
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monitor = gw.GradWatch(model, sinks=[gw.sinks.Wandb(run, chart_every=1)], log_every=1, on_alert="ignore")
     with pytest.warns(gw.GradWatchWarning) as caught:
-        train(monitor, model, steps=3)
+        train_plain(monitor, model, steps=3)
         monitor.close()
     run.finish()
     msgs = [str(w.message) for w in caught if "heatmap" in str(w.message)]

@@ -50,28 +50,45 @@ def is_rank_zero() -> bool:
     return True
 
 
+class FailureGuard:
+    """Calls that must never stop training: each target's first failure is warned about once.
+
+    Args:
+        label: how a target is named in the warning (``"sink "`` gives "sink JSONL.log_metrics").
+        others: what keeps receiving (``"sinks"``, ``"loggers"``).
+    """
+
+    def __init__(self, label: str, others: str) -> None:
+        self.label = label
+        self.others = others
+        self._warned: set[int] = set()
+
+    def call(self, target: Any, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Run ``fn(*args, **kwargs)`` on behalf of ``target``; warn once per target if it raises."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # a sink or logger must never stop training
+            if id(target) not in self._warned:
+                self._warned.add(id(target))
+                msg = (
+                    f"gradwatch: {self.label}{type(target).__name__}.{what} failed ({type(exc).__name__}: {exc}); "
+                    f"the other {self.others} keep receiving."
+                )
+                log.warning(msg)
+                warnings.warn(msg, GradWatchWarning, stacklevel=4)
+
+
 class SinkSet:
     """Calls every sink, isolating failures: a failing sink is warned about once and skipped."""
 
     def __init__(self, sinks: Iterable[Sink]) -> None:
         self.sinks = list(sinks)
-        self._warned: set[int] = set()
+        self._guard = FailureGuard("sink ", "sinks")
 
     def _call(self, sink: Sink, method: str, *args: Any) -> None:
         fn = getattr(sink, method, None)
-        if fn is None:
-            return
-        try:
-            fn(*args)
-        except Exception as exc:  # a sink must never stop training
-            if id(sink) not in self._warned:
-                self._warned.add(id(sink))
-                msg = (
-                    f"gradwatch: sink {type(sink).__name__}.{method} failed ({type(exc).__name__}: {exc}); "
-                    "the other sinks keep receiving."
-                )
-                log.warning(msg)
-                warnings.warn(msg, GradWatchWarning, stacklevel=3)
+        if fn is not None:
+            self._guard.call(sink, method, fn, *args)
 
     def meta(self, meta: dict[str, Any]) -> None:
         """Send the run's meta record to sinks that accept one."""

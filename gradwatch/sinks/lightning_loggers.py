@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from gradwatch.alerts import Alert
-from gradwatch.errors import GradWatchWarning
 from gradwatch.sinks._text import alert_markdown
-from gradwatch.sinks.base import is_rank_zero
-
-log = logging.getLogger("gradwatch")
+from gradwatch.sinks.base import FailureGuard, is_rank_zero
 
 
 def is_logger_of(logger: Any, class_name: str) -> bool:
@@ -47,7 +42,7 @@ class LightningLoggers:
         if loggers is not None:
             self.bind(loggers)
         self.save = save
-        self._warned: set[int] = set()
+        self._guard = FailureGuard("", "loggers")
 
     def bind(self, loggers: Iterable[Any]) -> None:
         """Use these loggers from now on."""
@@ -60,17 +55,8 @@ class LightningLoggers:
         self.loggers = loggers
 
     def _safe(self, logger: Any, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # a failing logger must not stop training or the other loggers
-            if id(logger) not in self._warned:
-                self._warned.add(id(logger))
-                msg = (
-                    f"gradwatch: {type(logger).__name__}.{what} failed ({type(exc).__name__}: {exc}); "
-                    "the other loggers keep receiving."
-                )
-                log.warning(msg)
-                warnings.warn(msg, GradWatchWarning, stacklevel=3)
+        # A failing logger must not stop training or the other loggers.
+        self._guard.call(logger, what, fn, *args, **kwargs)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Forward one logging step's metrics to every logger (rank 0 only)."""
