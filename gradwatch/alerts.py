@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
-Severity = Literal["info", "warning", "error"]
-ALERT_KINDS = ("vanishing", "exploding", "spike", "nonfinite", "dead", "saturated")
-SEVERITIES = ("info", "warning", "error")
+from gradwatch.schema import Severity
+
+__all__ = ["Alert", "AlertLog", "Severity"]
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,10 @@ class Alert:
     """One finding about the gradients, with the remedies that fit this model.
 
     Attributes:
-        kind: ``"vanishing"``, ``"exploding"``, ``"spike"``, ``"nonfinite"``, ``"dead"`` or
-            ``"saturated"`` (more may be added).
+        kind: one of :data:`gradwatch.schema.ALERT_KINDS` (the built-in kinds: ``"vanishing"``,
+            ``"exploding"``, ``"spike"``, ``"nonfinite"``, ``"dead"``, ``"saturated"``, ``"accumulating"``,
+            ``"no_gradient"``, ``"desync"``), or the kind a custom detector names. Not validated, so a
+            custom detector can add kinds.
         step: optimizer step (from 0) at which the condition was established.
         layer: qualified name of the layer concerned, or ``None`` for a model-wide finding.
         value: the figure that triggered the alert (its meaning is given in ``message``).
@@ -60,10 +62,10 @@ class AlertLog:
         self._suppressed: dict[tuple[str, str], int] = {}
         self._last_seen: dict[tuple[str, str], int] = {}
 
-    def admit(self, alert: Alert, source: str) -> Alert | None:
+    def admit(self, alert: Alert) -> Alert | None:
         """Return the alert to emit (possibly reworded as a reminder) or ``None`` to suppress it.
 
-        ``source`` (the check that fired) is kept for the record; de-duplication is per kind.
+        De-duplication is per kind.
         """
         key = (alert.kind, "")
         last = self._last_emitted.get(key)

@@ -661,7 +661,7 @@ class GradWatch:
             if f.kind == "nonfinite" and f.source == "grad" and self.on_nonfinite == "skip":
                 note = " The step was skipped: no weight or optimizer state changed."
                 alert = replace(alert, message=alert.message + note)
-            admitted = self._alert_log.admit(alert, f.source)
+            admitted = self._alert_log.admit(alert)
             if admitted is None:
                 continue
             emitted.append(admitted)
