@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from gradwatch.alerts import Alert
+from gradwatch.distributed import is_rank_zero
 from gradwatch.errors import GradWatchWarning
+
+__all__ = ["FailureGuard", "Sink", "SinkSet", "is_rank_zero"]  # is_rank_zero: re-exported from distributed
 
 log = logging.getLogger("gradwatch")
 
@@ -19,7 +21,9 @@ class Sink(Protocol):
     """Where metrics and alerts go. Sinks know nothing of torch: they get floats and Alerts.
 
     Optionally a sink may also define ``log_meta(meta: dict)``, called once with the layer names
-    and the configuration before the first metrics.
+    and the configuration before the first metrics, and a class attribute ``prints_alerts = True``
+    when it shows each alert in the terminal (as :class:`~gradwatch.sinks.Console` does): then the
+    monitor raises no ``GradWatchWarning`` for the alert, so the terminal shows it once.
     """
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -30,24 +34,6 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Flush and release resources; must be idempotent."""
-
-
-def is_rank_zero() -> bool:
-    """Whether this process is rank 0 (or not distributed)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except Exception:  # pragma: no cover - exotic builds
-        pass
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var]) == 0
-            except ValueError:
-                continue
-    return True
 
 
 class FailureGuard:
@@ -89,6 +75,11 @@ class SinkSet:
         fn = getattr(sink, method, None)
         if fn is not None:
             self._guard.call(sink, method, fn, *args)
+
+    @property
+    def prints_alerts(self) -> bool:
+        """Whether a sink shows alerts in the terminal (then no ``GradWatchWarning`` repeats them)."""
+        return any(getattr(s, "prints_alerts", False) is True for s in self.sinks)
 
     def meta(self, meta: dict[str, Any]) -> None:
         """Send the run's meta record to sinks that accept one."""

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import IO, Any
 
+from gradwatch import schema
+from gradwatch._format import fmt
 from gradwatch.alerts import Alert
-from gradwatch.sinks.base import is_rank_zero
+from gradwatch.distributed import is_rank_zero
 
 _COLORS = {"info": "\033[36m", "warning": "\033[33m", "error": "\033[31;1m"}
 _RESET = "\033[0m"
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
 
 
 class Console:
     """Print metrics summaries and alerts (rank 0 only).
 
     Each logging step prints one line: the total norm, the clip coefficient when clipping, and
-    the ``top`` layers with the smallest and the largest gradient norm. Alerts print as a
-    highlighted block with their remedies.
+    the ``top`` layers with the smallest and the largest gradient norm (a model with at most
+    ``2 * top`` layers lists each of its layers once, smallest first). Each alert prints once, as a
+    highlighted block with its remedies; with a Console among the sinks the monitor raises no
+    ``GradWatchWarning`` for alerts (``prints_alerts``), so the terminal shows every alert once.
 
     Args:
         metrics: print the per-step line (``False``: alerts only).
@@ -32,6 +33,8 @@ class Console:
         printer: a callable taking one string, used instead of ``stream`` (e.g. a progress bar's
             ``print``, so output does not tear the bar).
     """
+
+    prints_alerts = True
 
     def __init__(
         self,
@@ -71,19 +74,16 @@ class Console:
         if self.every is not None and self._last_printed is not None and step - self._last_printed < self.every:
             return
         self._last_printed = step
-        parts = [f"[gradwatch] step {step}", f"grad_norm {_fmt(metrics.get('grad_norm/total', float('nan')))}"]
-        if "clip/coef" in metrics:
-            parts.append(f"clip_coef {_fmt(metrics['clip/coef'])}")
-        prefix = "grad_norm/"
-        layers = sorted(
-            ((k[len(prefix) :], v) for k, v in metrics.items() if k.startswith(prefix) and k != "grad_norm/total"),
-            key=lambda kv: kv[1],
-        )
+        parts = [f"[gradwatch] step {step}", f"grad_norm {fmt(metrics.get(schema.GRAD_NORM_TOTAL, math.nan))}"]
+        if schema.CLIP_COEF in metrics:
+            parts.append(f"clip_coef {fmt(metrics[schema.CLIP_COEF])}")
+        layers = sorted(schema.per_layer(metrics, schema.GRAD_NORM).items(), key=lambda kv: kv[1])
         if layers and self.top:
-            low = ", ".join(f"{n} {_fmt(v)}" for n, v in layers[: self.top])
-            high = ", ".join(f"{n} {_fmt(v)}" for n, v in layers[::-1][: self.top])
-            parts.append(f"smallest: {low}")
-            parts.append(f"largest: {high}")
+            if len(layers) <= 2 * self.top:  # both lists would share layers: list each layer once
+                parts.append("layers, smallest first: " + ", ".join(f"{n} {fmt(v)}" for n, v in layers))
+            else:
+                parts.append("smallest: " + ", ".join(f"{n} {fmt(v)}" for n, v in layers[: self.top]))
+                parts.append("largest: " + ", ".join(f"{n} {fmt(v)}" for n, v in layers[::-1][: self.top]))
         self._out(" | ".join(parts))
 
     def log_alert(self, alert: Alert) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradwatch.alerts import Alert
-from gradwatch.sinks.base import is_rank_zero
+from gradwatch.distributed import is_rank_zero
 
 
 def _clean(v: Any) -> Any:

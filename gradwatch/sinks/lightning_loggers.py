@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from gradwatch.alerts import Alert
+from gradwatch.distributed import is_rank_zero
 from gradwatch.sinks._text import alert_markdown
-from gradwatch.sinks.base import FailureGuard, is_rank_zero
+from gradwatch.sinks.base import FailureGuard
 
 
 def is_logger_of(logger: Any, class_name: str) -> bool:

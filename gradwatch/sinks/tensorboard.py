@@ -9,8 +9,8 @@ from typing import Any
 
 from gradwatch._checks import check_int
 from gradwatch.alerts import Alert
+from gradwatch.distributed import is_rank_zero
 from gradwatch.sinks._text import alert_markdown
-from gradwatch.sinks.base import is_rank_zero
 
 ALERT_TAG = "gradwatch/alerts"
 META_TAG = "gradwatch/meta"

@@ -9,10 +9,10 @@ from typing import Any
 
 from gradwatch._checks import check_choice, check_int
 from gradwatch.alerts import Alert
+from gradwatch.distributed import is_rank_zero
 from gradwatch.errors import GradWatchWarning
 from gradwatch.sinks._heatmap import NormHistory, render_heatmap
 from gradwatch.sinks._text import TITLE_MAX, alert_text, alert_title
-from gradwatch.sinks.base import is_rank_zero
 
 log = logging.getLogger("gradwatch")
 
