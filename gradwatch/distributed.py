@@ -14,6 +14,7 @@ Everything here is a no-op in a single process; ``import gradwatch`` does not ne
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -29,6 +30,44 @@ def is_distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (or not distributed).
+
+    Before a process group exists, the launcher's ``RANK``/``LOCAL_RANK``/``SLURM_PROCID`` tell.
+    """
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except Exception:  # pragma: no cover - exotic builds
+        pass
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var]) == 0
+            except ValueError:
+                continue
+    return True
+
+
+def agree_max(values: Tensor) -> Tensor:
+    """Element-wise max over the ranks (one all-reduce, float32); ``values`` itself in one process.
+
+    The one helper for cross-rank agreement: every rank takes the decision the worst rank asks
+    for (skip a step, raise), as Lightning's ``reduce_boolean_decision`` does.
+    """
+    if not is_distributed():
+        return values
+    import torch.distributed as dist
+
+    f = values.to(torch.float32).reshape(-1).clone()
+    if dist.get_backend() == "nccl" and f.device.type != "cuda":
+        f = f.cuda()
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return f.to(values.device).reshape(values.shape)
 
 
 def _dtensor_type() -> type | None:

@@ -1,0 +1,97 @@
+"""The logging-step readout: named device tensors brought to the host in one transfer.
+
+Every value that crosses from the device to the host at a logging step is registered here under
+a name, and decoded by that name. Adding a metric is one ``add`` where it is computed and one
+lookup where it is used; nothing depends on the order in which entries were added.
+
+Example::
+
+    out = Readout()
+    out.add("grad_norm", stats.grad_norm)
+    out.add("det/vanishing/fired_step", fired_step)
+    values = out.read()            # one torch.cat(...).cpu()
+    values["grad_norm"]            # list[float]
+    values.scope("det/vanishing/") # {"fired_step": [...]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+
+class Values(Mapping[str, list[float]]):
+    """Host values of a :class:`Readout`, by name."""
+
+    def __init__(self, values: dict[str, list[float]]) -> None:
+        self._values = values
+
+    def __getitem__(self, name: str) -> list[float]:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(f"readout has no entry {name!r}; entries: {sorted(self._values)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def scalar(self, name: str) -> float:
+        """The single value of a one-element entry."""
+        v = self[name]
+        if len(v) != 1:
+            raise ValueError(f"readout entry {name!r} has {len(v)} values, not 1")
+        return v[0]
+
+    def scope(self, prefix: str) -> dict[str, list[float]]:
+        """The entries under ``prefix``, with the prefix removed from their names."""
+        n = len(prefix)
+        return {k[n:]: v for k, v in self._values.items() if k.startswith(prefix)}
+
+
+class Readout:
+    """Named 1-D tensors to bring to the host together.
+
+    Args:
+        device: where the entries are concatenated (the statistics' device).
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self._entries: dict[str, Tensor] = {}
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Register ``tensor`` (any shape, flattened) under ``name``; a name is added once."""
+        if name in self._entries:
+            raise ValueError(f"readout entry {name!r} is added twice")
+        self._entries[name] = tensor
+
+    def add_all(self, prefix: str, tensors: Mapping[str, Tensor]) -> None:
+        """Register every ``name -> tensor`` of ``tensors`` as ``prefix + name``."""
+        for name, t in tensors.items():
+            self.add(prefix + name, t)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def read(self) -> Values:
+        """One device-to-host transfer of every entry (float32); ``{}`` when empty (no transfer)."""
+        if not self._entries:
+            return Values({})
+        names = list(self._entries)
+        dev = self.device if self.device is not None else self._entries[names[0]].device
+        flat = [t.detach().reshape(-1).to(dev, torch.float32) for t in self._entries.values()]
+        host = torch.cat(flat).cpu().tolist()
+        out: dict[str, list[float]] = {}
+        i = 0
+        for name, t in zip(names, flat):
+            out[name] = host[i : i + t.numel()]
+            i += t.numel()
+        return Values(out)
