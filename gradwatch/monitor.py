@@ -1,11 +1,15 @@
-"""GradWatch: owns the hooks and runs one step's trip: collect -> detect -> act -> emit."""
+"""GradWatch: owns the hooks and runs one step's trip: collect -> detect -> act -> emit.
+
+The stations live in their own modules: statistics in :mod:`gradwatch.stats`, detection in
+:mod:`gradwatch.detectors`, skipping in :mod:`gradwatch.skip` and clipping in
+:mod:`gradwatch.clip`, the logging-step readout in :mod:`gradwatch.readout` and
+:mod:`gradwatch.metrics`, alerts and their channels in :mod:`gradwatch.emit`. This module holds
+the lifecycle (hooks, binding, checkpoints) and the order of the trip.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-import statistics
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -16,33 +20,38 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradwatch._checks import check_choice, check_int
+from gradwatch._options import MonitorOptions
 from gradwatch.activations import ActivationTracker
 from gradwatch.alerts import Alert, AlertLog
-from gradwatch.amp import AmpWatch, check_scaler
+from gradwatch.amp import AmpWatch
 from gradwatch.clip import Clipper, ClipResult, total_norm
 from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
-from gradwatch.distributed import fsdp1_message, is_distributed
-from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
-from gradwatch.layers import (
-    GRANULARITIES,
-    ForwardOrderRecorder,
-    Layer,
-    discover_layers,
-    is_compiling,
-    numel,
-    unwrap_model,
-)
+from gradwatch.distributed import agree_max, fsdp1_message, is_distributed, is_rank_zero
+from gradwatch.emit import AlertChannels, warn_user
+from gradwatch.errors import NonFiniteGradientError
+from gradwatch.layers import ForwardOrderRecorder, Layer, discover_layers, is_compiling, numel, unwrap_model
+from gradwatch.metrics import StepTensors, decode_metrics, register_metrics
+from gradwatch.readout import Readout, Values
 from gradwatch.remedies import inspect_model, remedies_for
-from gradwatch.sinks.base import Sink, SinkSet, is_rank_zero
+from gradwatch.sinks.base import Sink, SinkSet
 from gradwatch.sinks.console import Console
+from gradwatch.skip import DEVICE, HOST, DeviceSkip, drop_grads_, supports_device_skip
 from gradwatch.stats import Gathered, GradStats, StatsCollector
-from gradwatch.temporal import TimeProfile, TimeProfiler
+from gradwatch.temporal import RECURRENT_TYPES, TimeProfile, TimeProfiler
+
+try:  # TRANSITIONAL: until the detectors package lands
+    from gradwatch.detectors import StepEvidence
+except ImportError:  # pragma: no cover
+    @dataclass
+    class StepEvidence:  # type: ignore[no-redef]
+        stats: Any
+        step: Any
+        activations: Any = None
+        times: Any = None
+        loss: Any = None
+        logging: bool = False
 
 log = logging.getLogger("gradwatch")
-
-ON_NONFINITE = ("skip", "warn", "raise", "ignore")
-ON_ALERT = ("warn", "raise", "ignore")
 
 
 @dataclass
@@ -51,13 +60,17 @@ class StepReport:
 
     Attributes:
         step: the optimizer step (from 0).
-        skipped: whether the step was skipped (non-finite gradients set to ``None``).
+        skipped: whether the step was skipped for non-finite gradients. ``True``/``False`` when
+            gradwatch read the flag on the host (logging steps; every step with optimizers that
+            cannot skip on the device). ``None`` when the decision was taken on the device and not
+            read (a fused optimizer's non-logging step): a skipped step is then counted in
+            ``skipped_steps`` and alerted, with its own step number, at the next logging step.
         alerts: alerts emitted during this step (new or reminders).
         metrics: host values, present on logging steps (``None`` otherwise).
     """
 
     step: int
-    skipped: bool = False
+    skipped: bool | None = False
     alerts: list[Alert] = field(default_factory=list)
     metrics: dict[str, float] | None = None
 
@@ -66,6 +79,23 @@ def _version() -> str:
     from gradwatch import __version__
 
     return __version__
+
+
+def _readout(d: Any) -> dict[str, Tensor]:
+    """A detector's named readout (a legacy ``pending()`` list is named by position)."""
+    if hasattr(d, "readout"):
+        return d.readout()
+    return {str(i): t for i, t in enumerate(d.pending())}
+
+
+def _collect(d: Any, values: dict[str, list[float]], step: int) -> list[Finding]:
+    if hasattr(d, "readout"):
+        return d.collect(values, step)
+    return d.collect([values[str(i)] for i in range(len(values))], step)
+
+
+def _name(obj: Any) -> str:
+    return type(obj).__name__
 
 
 class GradWatch:
@@ -79,18 +109,24 @@ class GradWatch:
         model: the module to watch.
         detectors: ``"default"``, ``None`` (no detection) or a list of :class:`Detector`.
         clip: a clipping strategy from :mod:`gradwatch.clip`, or ``None``.
-        on_nonfinite: ``"skip"`` (drop the step's gradients so weights and optimizer state stay
-            bit-identical), ``"warn"``, ``"raise"`` (:class:`NonFiniteGradientError`) or ``"ignore"``.
-        on_alert: ``"warn"`` (a :class:`GradWatchWarning` and a ``logging`` record), ``"raise"``
+        on_nonfinite: ``"skip"`` (weights and optimizer state stay bit-identical: fused optimizers
+            skip on the device through ``found_inf``, others get their gradients set to ``None``
+            after one host read), ``"warn"``, ``"raise"`` (:class:`NonFiniteGradientError`) or
+            ``"ignore"``.
+        on_alert: ``"warn"`` (the sinks, a ``logging`` record, and a :class:`GradWatchWarning` when
+            no sink prints alerts to the terminal), ``"raise"``
             (:class:`GradWatchAlertError`), ``"ignore"`` (still recorded and sent to sinks), or a
             callable taking the :class:`Alert`.
-        sinks: where metrics and alerts go; ``None`` means ``[gw.sinks.Console()]``.
+        sinks: where metrics and alerts go: a sink or a list of sinks; ``None`` means
+            ``[gw.sinks.Console()]``.
         log_every: logging period in steps (step 0 is a logging step).
         granularity: ``"module"`` (each module owning parameters) or ``"parameter"``.
         track_activations: hook ReLU/sigmoid/tanh modules to detect dead and saturated units.
         track_time: profile the input gradient of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` modules per time
             step on logging steps (``time_grad_ratio/<layer>``, ``time_grad_decay/<layer>``) and
-            detect vanishing across time (:class:`~gradwatch.detectors.TimeVanishing`).
+            detect vanishing across time (:class:`~gradwatch.detectors.TimeVanishing`). ``None``
+            (default): on when the model has such a module (it costs logging steps only);
+            ``False`` turns it off.
         scaler: the loop's ``torch.amp.GradScaler``. Then :meth:`step` divides the statistics (and
             clipping thresholds) by the scale while the gradients are not unscaled yet, and
             inf/NaN gradients are left to the scaler, which skips the step itself: no alert, no
@@ -110,7 +146,7 @@ class GradWatch:
         for x, y in loader:
             loss = criterion(model(x), y)
             loss.backward()
-            report = monitor.step()
+            report = monitor.step(loss=loss)
             optimizer.step()
             optimizer.zero_grad()
         monitor.close()
@@ -124,11 +160,11 @@ class GradWatch:
         clip: Clipper | None = None,
         on_nonfinite: str = "skip",
         on_alert: str | Callable[[Alert], Any] = "warn",
-        sinks: Sequence[Sink] | None = None,
+        sinks: Sink | Sequence[Sink] | None = None,
         log_every: int = 10,
         granularity: str = "module",
         track_activations: bool = False,
-        track_time: bool = False,
+        track_time: bool | None = None,
         scaler: Any = None,
         history_size: int = 1000,
         max_alerts: int = 1000,
@@ -136,77 +172,57 @@ class GradWatch:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
+        opts = MonitorOptions.check(
+            detectors=detectors, clip=clip, on_nonfinite=on_nonfinite, on_alert=on_alert, sinks=sinks,
+            log_every=log_every, granularity=granularity, track_activations=track_activations,
+            track_time=track_time, scaler=scaler, history_size=history_size, max_alerts=max_alerts,
+            remind_every=remind_every,
+        )
+        self.options = opts
         model = unwrap_model(model)  # torch.compile / DDP wrappers: watch the module itself, same names
-        check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-        if not callable(on_alert):
-            check_choice("on_alert", on_alert, ON_ALERT)
-        check_choice("granularity", granularity, GRANULARITIES)
-        self.log_every = check_int("log_every", log_every, 1)
-        check_int("history_size", history_size, 1)
-        check_int("max_alerts", max_alerts, 1)
-        check_int("remind_every", remind_every, 1)
-        if not isinstance(track_activations, bool):
-            raise ValueError(f"`track_activations` must be True or False; got {track_activations!r}")
-        if not isinstance(track_time, bool):
-            raise ValueError(f"`track_time` must be True or False; got {track_time!r}")
-        if clip is not None and not isinstance(clip, Clipper):
-            raise ValueError(
-                f"`clip` must be None or a clipping strategy such as gw.clip.Norm(1.0); got {clip!r}"
-            )
-        check_scaler(scaler)
-        if detectors == "default":
+        if opts.detectors == "default":
             self.detectors: list[Detector] = default_detectors()
-        elif detectors is None:
-            self.detectors = []
-        elif isinstance(detectors, str) or not all(isinstance(d, Detector) for d in detectors):
-            raise ValueError(f"`detectors` must be 'default', None or a list of Detector objects; got {detectors!r}")
         else:
-            self.detectors = list(detectors)
-        if sinks is not None and (isinstance(sinks, (str, bytes)) or not all(isinstance(s, Sink) for s in sinks)):
-            raise ValueError(
-                "`sinks` must be None or a list of sinks (objects with log_metrics, log_alert and close), "
-                f"e.g. [gw.sinks.JSONL('grads.jsonl')]; got {sinks!r}"
-            )
-
+            self.detectors = list(opts.detectors or [])
         self.model = model
-        self.clip = clip
-        self.on_nonfinite = on_nonfinite
-        self.on_alert = on_alert
-        self.granularity = granularity
-        self.track_activations = track_activations
-        self.scaler = scaler
-        self._amp = AmpWatch(scaler) if scaler is not None else None
-        self._hook_optimizer: torch.optim.Optimizer | None = None  # set while a step pre-hook runs
-        self.sinks = SinkSet([Console()] if sinks is None else sinks)
-        self.history: deque[dict[str, float]] = deque(maxlen=history_size)
-        self._alert_log = AlertLog(remind_every=remind_every, maxlen=max_alerts)
+        self.log_every = opts.log_every
+        self.clip = opts.clip
+        self.on_nonfinite = opts.on_nonfinite
+        self.on_alert = opts.on_alert
+        self.granularity = opts.granularity
+        self.track_activations = opts.track_activations
+        self.scaler = opts.scaler
+        self._amp = AmpWatch(opts.scaler) if opts.scaler is not None else None
+        self.sinks = SinkSet([Console()] if opts.sinks is None else opts.sinks)
+        self.history: deque[dict[str, float]] = deque(maxlen=opts.history_size)
+        self._alert_log = AlertLog(remind_every=opts.remind_every, maxlen=opts.max_alerts)
         self._facts = inspect_model(model)
-        self._layers: list[Layer] = discover_layers(model, granularity)
+        self._channels = AlertChannels(
+            self.sinks, self._alert_log, opts.on_alert, self._remedies, skip_note=opts.on_nonfinite == "skip"
+        )
+        self._layers: list[Layer] = discover_layers(model, opts.granularity)
         if not self._layers:
-            warnings.warn(
-                f"gradwatch: {type(model).__name__} has no trainable parameters; the monitor will record nothing.",
-                GradWatchWarning,
-                stacklevel=2,
-            )
+            self._notice(f"gradwatch: {_name(model)} has no trainable parameters; the monitor will record nothing.")
         self._order = ForwardOrderRecorder(model)
-        self._tracker: ActivationTracker | None = None
-        if track_activations:
-            first = next(iter(model.parameters()), None)
-            self._tracker = ActivationTracker(model, first.device if first is not None else torch.device("cpu"))
-        self._time: TimeProfiler | None = None
-        self._times: TimeProfile | None = None
-        if track_time:
-            first = next(iter(model.parameters()), None)
-            self._time = TimeProfiler(
-                model, first.device if first is not None else torch.device("cpu"), _armed_for_logging(self)
-            )
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        self._tracker = ActivationTracker(model, device) if opts.track_activations else None
+        recurrent = any(isinstance(m, RECURRENT_TYPES) for m in model.modules())
+        self.track_time = recurrent if opts.track_time is None else opts.track_time
+        self._time = TimeProfiler(model, device, _armed_for_logging(self)) if self.track_time else None
         self._handles: list[RemovableHandle] = []
+        self._device_skip = DeviceSkip()
         self._collector: StatsCollector | None = None
         self._step = 0
-        self._skipped = 0
+        self._skipped = 0  # host-known skips (the device count is in _skipped_t)
         self._closed = False
         self._pending_state: dict[str, Any] | None = None
         self._read_at = -1  # last step whose detector state was read back
+        self._attached = 0  # optimizer hooks installed by attach/attach_all
+        self._explicit_since_hook = False  # an explicit step() ran since the last hook-driven one
+        self._warned: set[str] = set()
+        self._checked_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self.skip_mode: str | None = None  # "host" / "device": how the last skip decision was taken
 
     # ------------------------------------------------------------------ public API
     @property
@@ -220,14 +236,20 @@ class GradWatch:
         return list(self._alert_log.alerts)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (read-only)."""
+        return self._closed
+
+    @property
     def step_count(self) -> int:
         """Number of steps taken (the index of the next step)."""
         return self._step
 
     @property
     def skipped_steps(self) -> int:
-        """Number of steps skipped for non-finite gradients."""
-        return self._skipped
+        """Number of steps skipped for non-finite gradients (reads a device count: a sync)."""
+        dev = int(self._skipped_t.item()) if self._collector is not None else 0
+        return self._skipped + dev
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Run :meth:`step` from ``optimizer``'s step pre-hook.
@@ -237,10 +259,15 @@ class GradWatch:
 
         Returns:
             A handle whose ``remove()`` detaches the monitor (also done by :meth:`close`).
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            ValueError: ``optimizer`` holds none of the model's trainable parameters.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         self._check_open()
+        self._check_optimizer(optimizer, whole_model=True)
         ref = weakref.ref(self)
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -248,11 +275,9 @@ class GradWatch:
                 return torch.compiler.disable(hook)(opt, args, kwargs)
             monitor = ref()
             if monitor is not None and not monitor._closed:
-                monitor._step_from(opt)
+                monitor._hook_step(opt)
 
-        handle = optimizer.register_step_pre_hook(hook)
-        self._handles.append(handle)
-        return handle
+        return self._keep(optimizer.register_step_pre_hook(hook))
 
     def attach_all(self) -> RemovableHandle:
         """Run :meth:`step` before every optimizer step that updates this model's parameters.
@@ -276,19 +301,31 @@ class GradWatch:
                 ours = any(id(p) in ids for g in opt.param_groups for p in g["params"])
                 known[opt] = ours
             if ours:
-                monitor._step_from(opt)
+                monitor._hook_step(opt)
 
         from torch.optim.optimizer import register_optimizer_step_pre_hook  # not an attribute of torch.optim
 
-        handle = register_optimizer_step_pre_hook(hook)
-        self._handles.append(handle)
-        return handle
+        return self._keep(register_optimizer_step_pre_hook(hook))
 
-    def step(self) -> StepReport:
+    def step(
+        self,
+        *,
+        global_step: int | None = None,
+        loss: Tensor | float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> StepReport:
         """Compute statistics, run detectors, apply clip/skip and emit to sinks.
 
         Call it after ``backward()`` (and ``scaler.unscale_(optimizer)`` under AMP), right before
         ``optimizer.step()``: once per optimizer step, never per accumulated micro-batch.
+
+        Args:
+            global_step: the number of this step (a Trainer's global step, after a resume);
+                the following steps continue from it. ``None``: one more than the last.
+            loss: this step's training loss. A tensor stays on the device (no host read on
+                non-logging steps); it is evidence for the diagnosis and the ``loss`` metric.
+            optimizer: the optimizer about to step: its AMP stage, its hyper-parameters, and with
+                ``on_nonfinite="skip"`` a fused optimizer skips a poisoned step on the device.
 
         Returns:
             The :class:`StepReport` of this step.
@@ -296,115 +333,27 @@ class GradWatch:
         Raises:
             NonFiniteGradientError: with ``on_nonfinite="raise"`` and NaN/Inf gradients.
             GradWatchAlertError: with ``on_alert="raise"`` when an alert is emitted.
+            ValueError: a bad ``global_step``, or an ``optimizer`` holding none of the model's
+                trainable parameters.
         """
         if is_compiling():  # called from torch.compile'd code: run eagerly, outside the graph
-            return torch.compiler.disable(self.step)()
+            return torch.compiler.disable(self.step)(global_step=global_step, loss=loss, optimizer=optimizer)
         self._check_open()
-        if self._collector is None:
-            self._bind()
-        assert self._collector is not None
-        step = self._step
-        report = StepReport(step=step)
-        logging_step = step % self.log_every == 0
-        gathered = self._collector.gather()
-        if gathered.empty:
-            self._step += 1
-            return report
-        inv_scale = self._inv_scale()
-        stats = self._collector.compute(gathered, step, full=logging_step, inv_scale=inv_scale)
-        acts = self._tracker.take() if self._tracker is not None else None
-        self._times = self._time.take() if self._time is not None and self._time.names else None
-        # With an active GradScaler, inf/NaN gradients are overflow that the scaler skips itself;
-        # nulling them here would break it (scaler.step asserts it recorded an inf check).
-        amp_owned = self._amp is not None and self._amp.active
-        if self.on_nonfinite in ("skip", "raise") and not amp_owned and not stats.agreed and is_distributed():
-            # One tiny collective (when distributed): every rank sees which layers are non-finite on
-            # any rank, so all take the same skip/raise decision and report the same layers.
-            agreed = self._agree(stats.nonfinite)
-            stats = replace(stats, nonfinite=agreed > 0, any_nonfinite=stats.any_nonfinite | (agreed.sum() > 0))
-        seen = stats
-        if amp_owned:
-            seen = replace(stats, nonfinite=torch.zeros_like(stats.nonfinite),
-                           any_nonfinite=torch.zeros_like(stats.any_nonfinite))
-        for d in self.detectors:
-            d.update(seen, self._step_t, acts)
-            if self._times is not None and hasattr(d, "update_time"):
-                d.update_time(self._times, self._step_t)
-        if amp_owned:
-            assert self._amp is not None
-            self._amp.update(stats.any_nonfinite, self._step_t)
-
-        counts: Tensor | None = None
-        if self.on_nonfinite in ("skip", "raise") and not amp_owned:
-            # Agreed above, or carried through the all-reduce of sharded statistics.
-            if bool(stats.any_nonfinite):  # the one host sync that skipping needs
-                counts = self._agree(self._collector.nonfinite_counts(gathered))  # rare: max over ranks
-                if not stats.full:
-                    nonfinite = stats.nonfinite
-                    stats = self._collector.compute(gathered, step, full=True, inv_scale=inv_scale)
-                    stats = replace(stats, nonfinite=nonfinite | stats.nonfinite)
-                logging_step = True
-                if self.on_nonfinite == "raise":
-                    flags = stats.nonfinite.tolist()  # one read on this rare path
-                    bad = [self._layers[i].name for i in reversed(range(len(self._layers))) if flags[i]]
-                    self._finish_step()
-                    raise NonFiniteGradientError(step, bad)
-                report.skipped = True
-                self._skipped += 1
-                for layer in self._layers:
-                    for p in layer.params:
-                        p.grad = None
-
-        clip_result: ClipResult | None = None
-        if self.clip is not None and not report.skipped:
-            clip_result = self.clip.clip_(gathered, stats)
-
-        if logging_step:
-            report.metrics, findings = self._read(stats, gathered, clip_result, counts, report.skipped, inv_scale)
-            report.alerts = self._emit(findings)
-        self._finish_step()
-        self._raise_if_asked(report.alerts)
-        return report
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"`optimizer` must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+            self._check_optimizer(optimizer, whole_model=False)
+        if self._attached:
+            self._explicit_since_hook = True
+        return self._run(global_step, loss, optimizer)
 
     def flush(self) -> list[Alert]:
         """Read and emit what the detectors found since the last logging step (a host sync)."""
         if self._collector is None or self._closed or self._read_at >= self._step - 1:
             return []
-        values = self._transfer([t for d in self._watchers() for t in d.pending()])
-        return self._emit(self._collect(values))
-
-    def _follow_step(self, step: int) -> None:
-        """Make the next step carry number ``step`` (a Trainer's ``global_step``, after a resume)."""
-        if step == self._step:
-            return
-        self._step = step
-        step_t = getattr(self, "_step_t", None)
-        if step_t is not None:
-            step_t.fill_(float(step))
-
-    def _step_from(self, optimizer: torch.optim.Optimizer) -> StepReport:
-        """Run :meth:`step` for ``optimizer``'s coming step (a pre-hook, Lightning's callback).
-
-        The optimizer's AMP stage is then known.
-        """
-        self._hook_optimizer = optimizer
-        try:
-            return self.step()
-        finally:
-            self._hook_optimizer = None
-
-    def _watchers(self) -> list[Any]:
-        """The detectors plus the AMP overflow watch: everything read back at logging steps."""
-        return [*self.detectors, self._amp] if self._amp is not None else list(self.detectors)
-
-    def _close_amp(self) -> None:
-        # Under attach, steps the scaler skips run no pre-hook: a run still going on at the end of
-        # training is only visible from how far the scale fell since the last step.
-        if self._amp is None or self._collector is None or not self._amp.active:
-            return
-        self._amp.update(None, self._step_t)
-        values = self._transfer(self._amp.pending())
-        self._emit(self._amp.collect(values, self._step))
+        out = Readout(self._stats_device)
+        self._register_watchers(out)
+        return self._channels.emit(self._collect_findings(out.read()), self.history)
 
     def close(self) -> None:
         """Remove every hook, emit pending alerts, flush and close the sinks (idempotent)."""
@@ -418,6 +367,7 @@ class GradWatch:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
+            self._device_skip.remove()
             self._order.remove()
             if self._tracker is not None:
                 self._tracker.remove()
@@ -427,13 +377,14 @@ class GradWatch:
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter, detector, clipper and alert state, as plain containers and tensors."""
+        bound = self._collector is not None
         return {
             "step": self._step,
-            "skipped_steps": self._skipped,
+            "skipped_steps": self.skipped_steps,
             "layers": self.layers,
-            "detectors": [d.state_dict() for d in self.detectors] if self._collector is not None else None,
+            "detectors": [d.state_dict() for d in self.detectors] if bound else None,
             "clip": self.clip.state_dict() if self.clip is not None else None,
-            "amp": self._amp.state_dict() if self._amp is not None and self._collector is not None else None,
+            "amp": self._amp.state_dict() if self._amp is not None and bound else None,
             "alerts": self._alert_log.state_dict(),
             "history": list(self.history),
         }
@@ -448,6 +399,7 @@ class GradWatch:
         if self.clip is not None and state.get("clip") is not None:
             self.clip.load_state_dict(state["clip"])
         if self._collector is not None:
+            self._skipped_t.zero_()
             self._load_detectors(state)
         else:
             self._pending_state = state
@@ -464,21 +416,258 @@ class GradWatch:
             f"clip={self.clip!r}, on_nonfinite={self.on_nonfinite!r})"
         )
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the trip
+    def _run(self, global_step: int | None, loss: Tensor | float | None, optimizer: Any) -> StepReport:
+        if global_step is not None:
+            self._set_step(global_step)
+        if self._collector is None:
+            self._bind()
+        assert self._collector is not None
+        step = self._step
+        report = StepReport(step=step)
+        gathered = self._collector.gather()
+        if gathered.empty:
+            if not self._layers:  # said once at construction: nothing to watch
+                return report
+            self._notice_once(
+                "no_grad",
+                f"gradwatch: step() found no gradient on any parameter of {_name(self.model)}; call it after "
+                "loss.backward() (and before optimizer.zero_grad()). This step is not counted.",
+            )
+            return report
+        logging_step = step % self.log_every == 0
+        inv_scale = self._amp.inv_scale(optimizer) if self._amp is not None else None
+        stats = self._collector.compute(gathered, step, full=logging_step, inv_scale=inv_scale)
+        acts = self._tracker.take() if self._tracker is not None else None
+        times = self._time.take() if self._time is not None and self._time.names else None
+        # With an active GradScaler, inf/NaN gradients are overflow that the scaler skips itself;
+        # nulling them here would break it (scaler.step asserts it recorded an inf check).
+        amp_owned = self._amp is not None and self._amp.active
+        acting = self.on_nonfinite in ("skip", "raise") and not amp_owned
+        if acting and not stats.agreed and is_distributed():
+            # One tiny collective: every rank sees which layers are non-finite on any rank, so all
+            # take the same skip/raise decision and report the same layers (no host read).
+            agreed = agree_max(stats.nonfinite)
+            stats = replace(stats, nonfinite=agreed > 0, any_nonfinite=stats.any_nonfinite | (agreed.sum() > 0))
+        seen = stats
+        if amp_owned:
+            seen = replace(stats, nonfinite=torch.zeros_like(stats.nonfinite),
+                           any_nonfinite=torch.zeros_like(stats.any_nonfinite))
+        ev = StepEvidence(
+            stats=seen, step=self._step_t, activations=acts, times=times,
+            loss=self._loss_tensor(loss), logging=logging_step,
+        )
+        for d in self.detectors:
+            if hasattr(d, "readout"):
+                d.update(ev)
+            else:  # TRANSITIONAL: legacy detector protocol
+                d.update(ev.stats, ev.step, ev.activations)
+                if ev.times is not None and hasattr(d, "update_time"):
+                    d.update_time(ev.times, ev.step)
+        if amp_owned:
+            assert self._amp is not None
+            self._amp.update(stats.any_nonfinite, self._step_t)
+
+        counts: Tensor | None = None
+        device_skipped: Tensor | None = None
+        if acting and self.on_nonfinite == "skip" and supports_device_skip(optimizer):
+            # The fused optimizer skips on the device (found_inf): no read, no sync.
+            self.skip_mode = DEVICE
+            self._device_skip.arm(optimizer, stats.any_nonfinite)
+            self._skipped_t.add_(stats.any_nonfinite.to(torch.float32))
+            device_skipped = stats.any_nonfinite
+            report.skipped = None
+        elif acting:
+            self.skip_mode = HOST
+            if bool(stats.any_nonfinite):  # the one host sync that skipping needs here
+                counts = agree_max(self._collector.nonfinite_counts(gathered))  # rare: max over ranks
+                if not stats.full:
+                    nonfinite = stats.nonfinite
+                    stats = self._collector.compute(gathered, step, full=True, inv_scale=inv_scale)
+                    stats = replace(stats, nonfinite=nonfinite | stats.nonfinite)
+                logging_step = True
+                if self.on_nonfinite == "raise":
+                    flags = stats.nonfinite.tolist()  # one read on this rare path
+                    bad = [self._layers[i].name for i in reversed(range(len(self._layers))) if flags[i]]
+                    self._finish_step()
+                    raise NonFiniteGradientError(step, bad)
+                report.skipped = True
+                self._skipped += 1
+                drop_grads_(self._layers)
+
+        clip_result: ClipResult | None = None
+        if self.clip is not None and not report.skipped:
+            clip_result = self.clip.clip_(gathered, stats)
+
+        if logging_step:
+            report.metrics, findings, skipped_now = self._read(
+                stats, gathered, clip_result, counts, inv_scale, times, ev.loss, device_skipped
+            )
+            if device_skipped is not None:
+                report.skipped = skipped_now
+            report.alerts = self._channels.emit(findings, self.history)
+        self._finish_step()
+        self._channels.raise_if_asked(report.alerts)
+        return report
+
+    def _read(
+        self,
+        stats: GradStats,
+        gathered: Gathered,
+        clip: ClipResult | None,
+        counts: Tensor | None,
+        inv_scale: Tensor | None,
+        times: TimeProfile | None,
+        loss: Tensor | None,
+        device_skipped: Tensor | None,
+    ) -> tuple[dict[str, float], list[Finding], bool]:
+        """The logging step's one transfer: metrics and every detector's readout, by name."""
+        t = StepTensors(stats=stats, nonfinite_counts=counts, loss=loss, skipped_total=self._skipped_t)
+        if clip is not None:
+            post = total_norm(gathered, 2.0, stats.total_norm.device)
+            if inv_scale is not None:
+                post = post * inv_scale.to(post.device)
+            t.clip_threshold, t.clip_coef, t.clipped_norm = clip.threshold, clip.coef, post
+        if self._amp is not None:
+            amp = self._amp.metric_tensors()
+            t.amp = amp if isinstance(amp, dict) else {"scale": amp[0], "overflow_steps": amp[1]}
+        if times is not None:
+            t.time_log_ratio, t.time_log_decay, t.time_seen = times.log_ratio, times.log_decay, times.seen
+        out = Readout(self._stats_device)
+        register_metrics(out, t)
+        if device_skipped is not None:
+            out.add("skip/now", device_skipped)
+        self._register_watchers(out)
+        values = out.read()
+        exact: list[float] | None = None
+        if counts is None and not all(v == v and abs(v) != float("inf") for v in values["m/grad_norm"]):
+            # Rare path (non-finite values, flag not read before): one more read for exact counts.
+            exact = self._collector.nonfinite_counts(gathered).cpu().tolist()  # type: ignore[union-attr]
+        m = decode_metrics(
+            values, self.layers, stats.present_host,
+            time_layers=self._time.names if times is not None and self._time is not None else [],
+            nonfinite_counts=exact,
+        )
+        m["skipped_steps"] = m["skipped_steps"] + float(self._skipped)
+        findings = self._collect_findings(values)
+        if is_rank_zero():
+            self.sinks.metrics(m, stats.step)
+        self.history.append({"step": float(stats.step), **m})
+        skipped_now = bool(values.scalar("skip/now")) if "skip/now" in values else False
+        return m, findings, skipped_now
+
+    def _register_watchers(self, out: Readout) -> None:
+        for i, d in enumerate(self.detectors):
+            out.add_all(f"d{i}/", _readout(d))
+        if self._amp is not None:
+            out.add_all("amp/", _readout(self._amp))
+
+    def _collect_findings(self, values: Values) -> list[Finding]:
+        findings: list[Finding] = []
+        for i, d in enumerate(self.detectors):
+            findings.extend(_collect(d, values.scope(f"d{i}/"), self._step))
+        if self._amp is not None:
+            findings.extend(_collect(self._amp, values.scope("amp/"), self._step))
+        self._read_at = self._step
+        return findings
+
+    def _remedies(self, f: Finding, typical: float | None) -> tuple[str, ...]:
+        return remedies_for(f.kind, self._facts, typical_norm=typical, source=f.source)
+
+    # ------------------------------------------------------------------ lifecycle internals
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this GradWatch monitor is closed; create a new one to keep monitoring")
+
+    def _keep(self, handle: RemovableHandle) -> RemovableHandle:
+        self._handles.append(handle)
+        self._attached += 1
+        return handle
+
+    def _hook_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step pre-hook of :meth:`attach` / :meth:`attach_all`."""
+        if self._explicit_since_hook:
+            # monitor.step() already ran for this optimizer step: recording it twice would run
+            # every statistic and streak at twice the step rate.
+            self._explicit_since_hook = False
+            self._notice_once(
+                "double",
+                f"gradwatch: monitor.step() was called explicitly and the monitor is also attached to "
+                f"{_name(optimizer)}.step() (gw.watch / attach), so both ran for step {self._step - 1}; the "
+                "attached run is ignored. Remove the explicit monitor.step() call (or do not attach).",
+            )
+            return
+        self._run(None, None, optimizer)
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, *, whole_model: bool) -> None:
+        """An optimizer must update the watched parameters (once per optimizer)."""
+        if optimizer in self._checked_optimizers:
+            return
+        self._checked_optimizers.add(optimizer)
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        params = [p for layer in self._layers for p in layer.params]
+        if not params:
+            return
+        held = sum(id(p) in owned for p in params)
+        if held == 0:
+            raise ValueError(
+                f"`optimizer` ({_name(optimizer)}) holds none of the {len(params)} trainable parameters of "
+                f"{_name(self.model)}: it would never apply the gradients gradwatch watches. Build it over "
+                f"this model's parameters (e.g. {_name(optimizer)}(model.parameters(), ...)) or watch the model "
+                "it trains."
+            )
+        if whole_model and held < len(params):
+            missing = [x.name for x in self._layers if not any(id(p) in owned for p in x.params)]
+            shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+            self._notice(
+                f"gradwatch: {_name(optimizer)} updates {held} of the {len(params)} trainable parameters of "
+                f"{_name(self.model)} (not: {shown}); gradwatch reports the gradients of all of them. Watch the "
+                "sub-module this optimizer trains, or use gw.watch(model) to follow every optimizer."
+            )
+
+    def _notice(self, message: str) -> None:
+        """A notice that is not an alert: a warning at the user's code and a log record (rank 0)."""
+        if is_rank_zero():
+            log.warning(message)
+            warn_user(message)
+
+    def _notice_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._notice(message)
+
+    def _set_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`global_step` must be an integer >= 0; got {step!r}")
+        if step == self._step:
+            return
+        self._step = step
+        step_t = getattr(self, "_step_t", None)
+        if step_t is not None:
+            step_t.fill_(float(step))
+
+    def _loss_tensor(self, loss: Tensor | float | None) -> Tensor | None:
+        if loss is None:
+            return None
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"`loss` must be a scalar (one element); got a tensor of shape {tuple(loss.shape)}")
+            return loss.detach().reshape(()).to(self._stats_device, torch.float32)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), device=self._stats_device)
+        raise ValueError(f"`loss` must be a tensor, a number or None; got {type(loss).__name__}")
 
     def _bind(self) -> None:
         if self._order.active:
             self._layers = self._order.finish(self._layers)
         self._collector = StatsCollector(self._layers)
         fsdp1 = fsdp1_message([p for x in self._layers for p in x.params])
-        if fsdp1 is not None and is_rank_zero():
-            log.warning(fsdp1)
-            warnings.warn(fsdp1, GradWatchWarning, stacklevel=3)
+        if fsdp1 is not None:
+            self._notice(fsdp1)
         dev = self._collector.device
+        self._stats_device = dev
         self._step_t = torch.tensor(float(self._step), device=dev)
+        self._skipped_t = torch.zeros((), device=dev)
         act_names = self._tracker.names if self._tracker else []
         ctx = DetectorContext(
             layers=self._layers,
@@ -509,6 +698,7 @@ class GradWatch:
                     "log_every": self.log_every,
                     "clip": repr(self.clip) if self.clip is not None else None,
                     "model": type(self.model).__name__,
+                    "on_nonfinite": self.on_nonfinite,
                 }
             )
 
@@ -530,153 +720,19 @@ class GradWatch:
             self._amp.load_state_dict(state["amp"])
         self._step_t = torch.tensor(float(self._step), device=self._step_t.device)
 
-    def _inv_scale(self) -> Tensor | None:
-        """``1/scale`` while a known GradScaler's gradients are not unscaled yet (a device tensor)."""
-        if self._amp is None:
-            return None
-        return self._amp.inv_scale(self._hook_optimizer)
-
-    def _agree(self, values: Tensor) -> Tensor:
-        """Element-wise max over the ranks (float32), one all-reduce; ``values`` unchanged in one process."""
-        if not is_distributed():
-            return values
-        import torch.distributed as dist
-
-        f = values.to(torch.float32).reshape(-1).clone()
-        if dist.get_backend() == "nccl" and f.device.type != "cuda":
-            f = f.cuda()
-        dist.all_reduce(f, op=dist.ReduceOp.MAX)
-        return f.to(values.device).reshape(values.shape)
-
     def _finish_step(self) -> None:
         self._step += 1
         self._step_t.add_(1.0)
 
-    def _transfer(self, tensors: list[Tensor]) -> list[list[float]]:
-        """One device-to-host transfer of many 1-D tensors; returns them as lists."""
-        if not tensors:
-            return []
-        dev = self._step_t.device
-        flat = [t.detach().reshape(-1).to(dev, torch.float32) for t in tensors]
-        host = torch.cat(flat).cpu().tolist()
-        out, i = [], 0
-        for t in flat:
-            out.append(host[i : i + t.numel()])
-            i += t.numel()
-        return out
-
-    def _collect(self, values: list[list[float]]) -> list[Finding]:
-        findings: list[Finding] = []
-        i = 0
-        for d in self._watchers():
-            k = len(d.pending())
-            findings.extend(d.collect(values[i : i + k], self._step))
-            i += k
-        self._read_at = self._step
-        return findings
-
-    def _read(
-        self,
-        stats: GradStats,
-        gathered: Gathered,
-        clip: ClipResult | None,
-        counts: Tensor | None,
-        skipped: bool,
-        inv_scale: Tensor | None,
-    ) -> tuple[dict[str, float], list[Finding]]:
-        assert stats.grad_max is not None and stats.param_norm is not None
-        tensors = [stats.grad_norm, stats.grad_max, stats.param_norm, stats.total_norm.reshape(1)]
-        if counts is not None:
-            tensors.append(counts)
-        if clip is not None:
-            post = total_norm(gathered, 2.0, stats.total_norm.device)
-            if inv_scale is not None:
-                post = post * inv_scale.to(post.device)
-            tensors += [clip.threshold.reshape(1), clip.coef.reshape(1), post.reshape(1)]
-        if self._amp is not None:
-            tensors += self._amp.metric_tensors()
-        times = self._times
-        if times is not None:
-            tensors += [times.log_ratio, times.log_decay, times.seen.to(torch.float32)]
-        n_fixed = len(tensors)
-        pending = [t for d in self._watchers() for t in d.pending()]
-        values = self._transfer(tensors + pending)
-        gn, gmax, pn, total = values[0], values[1], values[2], values[3][0]
-        rest = values[4:n_fixed]
-        m: dict[str, float] = {"grad_norm/total": total}
-        names = self.layers
-        present = stats.present_host
-        for i, name in enumerate(names):
-            if present[i]:
-                m[f"grad_norm/{name}"] = gn[i]
-        for i, name in enumerate(names):
-            if present[i]:
-                m[f"grad_max/{name}"] = gmax[i]
-                m[f"param_norm/{name}"] = pn[i]
-                m[f"grad_to_param/{name}"] = gn[i] / pn[i] if pn[i] > 0 else float("inf") if gn[i] > 0 else 0.0
-        c = rest.pop(0) if counts is not None else None
-        if c is None and not all(math.isfinite(v) for v in gn):
-            # Rare path (non-finite values under "warn"/"ignore"): one more read for exact counts.
-            c = self._collector.nonfinite_counts(gathered).cpu().tolist()  # type: ignore[union-attr]
-        m["nonfinite/total"] = float(sum(c)) if c is not None else 0.0
-        for i, name in enumerate(names):
-            if c is not None and c[i] > 0:
-                m[f"nonfinite/{name}"] = c[i]
-        m["skipped_steps"] = float(self._skipped)
-        if clip is not None:
-            m["clip/threshold"], m["clip/coef"], m["grad_norm_clipped/total"] = (rest.pop(0)[0] for _ in range(3))
-        if self._amp is not None:
-            m["amp/scale"], m["amp/overflow_steps"] = (rest.pop(0)[0] for _ in range(2))
-        if times is not None and self._time is not None:
-            log_ratio, log_decay, seen_t = (rest.pop(0) for _ in range(3))
-            for j, name in enumerate(self._time.names):
-                if seen_t[j] > 0:
-                    m[f"time_grad_ratio/{name}"] = math.exp(log_ratio[j])
-                    m[f"time_grad_decay/{name}"] = math.exp(log_decay[j])
-        findings = self._collect(values[n_fixed:])
-        if is_rank_zero():
-            self.sinks.metrics(m, stats.step)
-        self.history.append({"step": float(stats.step), **m})
-        return m, findings
-
-    def _typical_norm(self) -> float | None:
-        vals = [h["grad_norm/total"] for h in self.history if 0 < h.get("grad_norm/total", 0) < float("inf")]
-        return statistics.median(vals) if vals else None
-
-    def _emit(self, findings: list[Finding]) -> list[Alert]:
-        emitted: list[Alert] = []
-        # A median over the whole history (~0.3 ms at 1000 entries): only when there is an alert to word.
-        typical = self._typical_norm() if findings else None
-        for f in sorted(findings, key=lambda f: f.step):
-            alert = Alert(
-                kind=f.kind,
-                step=f.step,
-                layer=f.layer,
-                value=float(f.value),
-                threshold=float(f.threshold),
-                severity=f.severity,  # type: ignore[arg-type]
-                message=f.message,
-                remedies=remedies_for(f.kind, self._facts, typical_norm=typical, source=f.source),
-            )
-            if f.kind == "nonfinite" and f.source == "grad" and self.on_nonfinite == "skip":
-                note = " The step was skipped: no weight or optimizer state changed."
-                alert = replace(alert, message=alert.message + note)
-            admitted = self._alert_log.admit(alert)
-            if admitted is None:
-                continue
-            emitted.append(admitted)
-            if is_rank_zero():
-                self.sinks.alert(admitted)
-                if self.on_alert == "warn":
-                    log.warning(admitted.message)
-                    warnings.warn(admitted.message, GradWatchWarning, stacklevel=4)
-            if callable(self.on_alert):
-                self.on_alert(admitted)
-        return emitted
-
-    def _raise_if_asked(self, alerts: list[Alert]) -> None:
-        if self.on_alert == "raise" and alerts:
-            raise GradWatchAlertError(alerts[0])
+    def _close_amp(self) -> None:
+        # Under attach, steps the scaler skips run no pre-hook: a run still going on at the end of
+        # training is only visible from how far the scale fell since the last step.
+        if self._amp is None or self._collector is None or not self._amp.active:
+            return
+        self._amp.update(None, self._step_t)
+        out = Readout(self._stats_device)
+        out.add_all("amp/", _readout(self._amp))
+        self._channels.emit(_collect(self._amp, out.read().scope("amp/"), self._step), self.history)
 
 
 def _armed_for_logging(monitor: GradWatch) -> Callable[[], bool]:
@@ -703,8 +759,12 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kw
             train(model, optimizer)
     """
     monitor = GradWatch(model, **kwargs)
-    if optimizer is None:
-        monitor.attach_all()
-    else:
-        monitor.attach(optimizer)
+    try:
+        if optimizer is None:
+            monitor.attach_all()
+        else:
+            monitor.attach(optimizer)
+    except BaseException:
+        monitor.close()
+        raise
     return monitor

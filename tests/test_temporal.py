@@ -188,7 +188,7 @@ def test_time_vanishing_rejects_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 def test_track_time_must_be_bool() -> None:
-    with pytest.raises(ValueError, match=r"`track_time` must be True or False; got 'yes'"):
+    with pytest.raises(ValueError, match=r"`track_time` must be True, False or None; got 'yes'"):
         gw.GradWatch(nn.Linear(2, 2), sinks=[], track_time="yes")
 
 

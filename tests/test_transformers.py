@@ -193,11 +193,12 @@ def test_nonfinite_step_is_skipped_inside_the_trainer(tmp_path: Path) -> None:
     assert not torch.equal(ref.weights[3], ref.weights[2])
     assert all(bool(torch.isfinite(w).all()) for w in ref.weights.values())
     records = read_jsonl(path)
-    assert [(r["type"], r.get("step")) for r in records] == [
-        ("meta", None), ("metrics", 0), ("metrics", 2), ("alert", 2)
-    ]
-    assert records[2]["metrics"]["skipped_steps"] == 1.0
-    assert records[3]["kind"] == "nonfinite" and records[3]["layer"] == "transformer.wte"
+    # The Trainer's default optimizer is fused AdamW: the skip is taken on the device (found_inf),
+    # without a read, and the alert comes with its own step at the end of training (no logging step).
+    assert cb.monitor is not None and cb.monitor.skip_mode == "device"
+    assert [(r["type"], r.get("step")) for r in records] == [("meta", None), ("metrics", 0), ("alert", 2)]
+    assert cb.monitor.skipped_steps == 1
+    assert records[2]["kind"] == "nonfinite" and records[2]["layer"] == "transformer.wte"
 
 
 def test_bad_options_are_rejected_with_gradwatchs_messages() -> None:

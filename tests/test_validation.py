@@ -29,8 +29,8 @@ def _model() -> nn.Module:
         ({"track_activations": "yes"}, "`track_activations` must be True or False; got 'yes'"),
         ({"clip": 1.0}, "`clip` must be None or a clipping strategy such as gw.clip.Norm(1.0); got 1.0"),
         ({"detectors": "all"}, "`detectors` must be 'default', None or a list of Detector objects; got 'all'"),
-        ({"sinks": "console"}, "`sinks` must be None or a list of sinks"),
-        ({"sinks": [print]}, "`sinks` must be None or a list of sinks"),
+        ({"sinks": "console"}, "`sinks` must be None, a sink or a list of sinks"),
+        ({"sinks": [print]}, "`sinks` must be None, a sink or a list of sinks"),
     ],
     ids=lambda v: v if isinstance(v, str) else next(iter(v)),
 )

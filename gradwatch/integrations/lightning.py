@@ -129,6 +129,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         self.monitor: GradWatch | None = None
         self.last_report: StepReport | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -170,10 +171,21 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Run one gradwatch step on the gradients the optimizer is about to apply."""
         monitor = self.monitor
-        if monitor is None or monitor._closed:
+        if monitor is None or monitor.closed:
             return
-        monitor._follow_step(int(trainer.global_step))
-        self.last_report = monitor._step_from(getattr(optimizer, "_optimizer", optimizer))
+        self.last_report = monitor.step(
+            global_step=int(trainer.global_step),
+            loss=self._loss,
+            optimizer=getattr(optimizer, "_optimizer", optimizer),
+        )
+        self._loss = None
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        """Keep the ``training_step`` loss (a device tensor: no host read) for the coming step."""
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # With accumulation, the last micro-batch's (already divided) loss: scale it back.
+            acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+            self._loss = loss.detach() * acc
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Emit pending alerts and close the sinks."""
@@ -199,7 +211,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         state = state_dict.get("monitor")
         if state is None:
             return
-        if self.monitor is not None and not self.monitor._closed:
+        if self.monitor is not None and not self.monitor.closed:
             self.monitor.load_state_dict(state)
         else:
             self._pending_state = state

@@ -116,15 +116,14 @@ class GradWatchTrainerCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Run one gradwatch step on the gradients the optimizer is about to apply."""
         monitor = self.monitor
-        if monitor is None or monitor._closed:
+        if monitor is None or monitor.closed:
             return
-        monitor._follow_step(int(state.global_step))
         optimizer = kwargs.get("optimizer")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        if isinstance(inner, torch.optim.Optimizer):
-            self.last_report = monitor._step_from(inner)  # the AMP stage of this optimizer is known
-        else:
-            self.last_report = monitor.step()
+        self.last_report = monitor.step(
+            global_step=int(state.global_step),
+            optimizer=inner if isinstance(inner, torch.optim.Optimizer) else None,  # its AMP stage is known
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Emit pending alerts and close the sinks."""
