@@ -5,6 +5,8 @@ dead, saturated) with remedies that fit the model, clipping and skipping of pois
 sinks for the console, JSONL, Weights & Biases, TensorBoard and Lightning loggers.
 """
 
+import logging as _logging
+
 from gradwatch import clip, sinks
 from gradwatch.alerts import Alert
 from gradwatch.detectors import (
@@ -22,6 +24,10 @@ from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGra
 from gradwatch.monitor import GradWatch, StepReport, watch
 
 __version__ = "0.1.0"
+
+# The logging HOWTO's rule for libraries: records reach the handlers the user configured, and
+# Python's last-resort handler never prints them (the Console sink is the terminal channel).
+_logging.getLogger("gradwatch").addHandler(_logging.NullHandler())
 
 __all__ = [
     "Alert",
