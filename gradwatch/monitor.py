@@ -421,7 +421,7 @@ class GradWatch:
         if global_step is not None:
             self._set_step(global_step)
         if self._collector is None:
-            self._bind()
+            self._bind(optimizer)
         assert self._collector is not None
         step = self._step
         report = StepReport(step=step)
@@ -657,7 +657,13 @@ class GradWatch:
             return torch.tensor(float(loss), device=self._stats_device)
         raise ValueError(f"`loss` must be a tensor, a number or None; got {type(loss).__name__}")
 
-    def _bind(self) -> None:
+    def _skip_plan(self, optimizer: Any) -> str | None:
+        """How a poisoned step will be skipped with this optimizer (``None``: no skipping)."""
+        if self.on_nonfinite != "skip":
+            return None
+        return DEVICE if supports_device_skip(optimizer) else HOST
+
+    def _bind(self, optimizer: Any = None) -> None:
         if self._order.active:
             self._layers = self._order.finish(self._layers)
         self._collector = StatsCollector(self._layers)
@@ -699,6 +705,9 @@ class GradWatch:
                     "clip": repr(self.clip) if self.clip is not None else None,
                     "model": type(self.model).__name__,
                     "on_nonfinite": self.on_nonfinite,
+                    # "device": a fused optimizer skips poisoned steps itself (found_inf, no sync);
+                    # "host": one flag read per step, gradients set to None.
+                    "skip": self._skip_plan(optimizer),
                 }
             )
 
