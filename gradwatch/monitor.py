@@ -343,6 +343,7 @@ class GradWatch:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(f"`optimizer` must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
             self._check_optimizer(optimizer, whole_model=False)
+        _check_loss(loss)
         if self._attached:
             self._explicit_since_hook = True
         return self._run(global_step, loss, optimizer)
@@ -603,7 +604,6 @@ class GradWatch:
         """An optimizer must update the watched parameters (once per optimizer)."""
         if optimizer in self._checked_optimizers:
             return
-        self._checked_optimizers.add(optimizer)
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         params = [p for layer in self._layers for p in layer.params]
         if not params:
@@ -616,6 +616,7 @@ class GradWatch:
                 f"this model's parameters (e.g. {_name(optimizer)}(model.parameters(), ...)) or watch the model "
                 "it trains."
             )
+        self._checked_optimizers.add(optimizer)
         if whole_model and held < len(params):
             missing = [x.name for x in self._layers if not any(id(p) in owned for p in x.params)]
             shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
@@ -647,15 +648,12 @@ class GradWatch:
             step_t.fill_(float(step))
 
     def _loss_tensor(self, loss: Tensor | float | None) -> Tensor | None:
+        """The loss as a float32 scalar on the statistics' device (no host read)."""
         if loss is None:
             return None
         if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"`loss` must be a scalar (one element); got a tensor of shape {tuple(loss.shape)}")
             return loss.detach().reshape(()).to(self._stats_device, torch.float32)
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            return torch.tensor(float(loss), device=self._stats_device)
-        raise ValueError(f"`loss` must be a tensor, a number or None; got {type(loss).__name__}")
+        return torch.tensor(float(loss), device=self._stats_device)
 
     def _skip_plan(self, optimizer: Any) -> str | None:
         """How a poisoned step will be skipped with this optimizer (``None``: no skipping)."""
@@ -742,6 +740,17 @@ class GradWatch:
         out = Readout(self._stats_device)
         out.add_all("amp/", _readout(self._amp))
         self._channels.emit(_collect(self._amp, out.read().scope("amp/"), self._step), self.history)
+
+
+def _check_loss(loss: Any) -> None:
+    if loss is None:
+        return
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"`loss` must be a scalar (one element); got a tensor of shape {tuple(loss.shape)}")
+        return
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+        raise ValueError(f"`loss` must be a tensor, a number or None; got {type(loss).__name__}")
 
 
 def _armed_for_logging(monitor: GradWatch) -> Callable[[], bool]:
