@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch.detectors import Finding
+from gradwatch.detectors.base import DeviceState, Finding, Latch
 
 # How long a run of consecutive overflow skips may be before it is an alert. Each skip multiplies
 # the scale by the backoff factor (0.5). float16's largest finite value is 65504 ~ 2^16 and
@@ -56,16 +56,22 @@ class AmpWatch:
         scaler: the ``torch.amp.GradScaler`` of the training loop.
     """
 
-    _keys = ("prev_scale", "prev_tracker", "prev_nf", "run", "fired_in_run", "overflow_total")
-
     def __init__(self, scaler: torch.amp.GradScaler) -> None:
         check_scaler(scaler)
         self.scaler = scaler
         # A disabled scaler has no factors (and never skips); keep the default limit.
         self.limit = overflow_run_limit(scaler.get_backoff_factor() if scaler.is_enabled() else 0.5)
-        self._st: dict[str, Tensor] | None = None
-        self.fired_step: Tensor | None = None
-        self.fired_value: Tensor | None = None
+        self.device = torch.device("cpu")
+        self.state = DeviceState()
+        st = self.state
+        # The previous observation: the scale (NaN: none yet), the growth tracker, whether it overflowed.
+        st.add_state("prev_scale", lambda dev: torch.full((), math.nan, device=dev))
+        st.add_state("prev_tracker", lambda dev: torch.zeros((), device=dev))
+        st.add_state("prev_nf", lambda dev: torch.zeros((), device=dev))
+        st.add_state("run", lambda dev: torch.zeros((), device=dev))  # consecutive skips so far
+        st.add_state("fired_in_run", lambda dev: torch.zeros((), device=dev))  # 1 once this run was reported
+        st.add_state("overflow_total", lambda dev: torch.zeros((), device=dev))
+        self.latch = Latch(st, "overflow", 1)
 
     @property
     def active(self) -> bool:
@@ -98,12 +104,9 @@ class AmpWatch:
         return scale.double().reciprocal().float()
 
     def bind(self, device: torch.device) -> None:
-        """Allocate the device state."""
-        self.device = device
-        self._st = {k: torch.zeros((), device=device) for k in self._keys}
-        self._st["prev_scale"] = torch.full((), math.nan, device=device)
-        self.fired_step = torch.full((1,), -1.0, device=device)
-        self.fired_value = torch.zeros(1, device=device)
+        """Allocate the device state (a state loaded before is applied now)."""
+        self.device = torch.device(device)
+        self.state.bind(self.device)
 
     def update(self, nonfinite: Tensor | None, step_t: Tensor) -> None:
         """Fold one observation into the overflow-run count (device only).
@@ -112,78 +115,70 @@ class AmpWatch:
             nonfinite: whether this step's gradients hold inf/NaN (``None`` at close: no step).
             step_t: the current step as a device tensor.
         """
-        assert self._st is not None and self.fired_step is not None and self.fired_value is not None
         if not self.active:
             return
-        st = self._st
+        st = self.state
         s = self.scaler
         nf = nonfinite.to(self.device, torch.float32) if nonfinite is not None else torch.zeros((), device=self.device)
         cur = s._scale.to(self.device, torch.float32)  # type: ignore[union-attr]
         tracker = s._growth_tracker.to(self.device, torch.float32)  # type: ignore[union-attr]
-        prev = st["prev_scale"]
+        prev = st.prev_scale
         known = torch.isfinite(prev)
         # Between two observations the scale changed by growth^g * backoff^n: the update after a
         # finite step grows the scale when its tracker reaches growth_interval, each skip backs off.
-        grew = (1.0 - st["prev_nf"]) * (st["prev_tracker"] + 1.0 >= s.get_growth_interval()).float()
+        grew = (1.0 - st.prev_nf) * (st.prev_tracker + 1.0 >= s.get_growth_interval()).float()
         expected = prev * torch.where(grew > 0, torch.full_like(prev, s.get_growth_factor()), torch.ones_like(prev))
         n = (torch.log(expected / cur) / math.log(1.0 / s.get_backoff_factor())).round().clamp_min(0.0)
         n = torch.where(known, n, torch.zeros_like(n))
-        hidden = (n - st["prev_nf"]).clamp_min(0.0)  # skips this monitor did not see (attach)
-        length = st["run"] * st["prev_nf"] + hidden + nf
-        take = (length >= self.limit) & (st["fired_in_run"] < 1)
-        first = take.reshape(1) & (self.fired_step < 0)
-        self.fired_step = torch.where(first, step_t.reshape(1), self.fired_step)
-        self.fired_value = torch.where(first, length.reshape(1), self.fired_value)
-        st["fired_in_run"] = torch.maximum(st["fired_in_run"], take.float()) * nf
-        st["run"] = length * nf
-        st["overflow_total"] = st["overflow_total"] + hidden + nf
-        st["prev_scale"] = cur.clone()
-        st["prev_tracker"] = tracker
-        st["prev_nf"] = nf if nonfinite is not None else st["prev_nf"]
+        hidden = (n - st.prev_nf).clamp_min(0.0)  # skips this monitor did not see (attach)
+        length = st.run * st.prev_nf + hidden + nf
+        take = (length >= self.limit) & (st.fired_in_run < 1)
+        self.latch.update(take, step_t.reshape(1), value=length.reshape(1))
+        st.fired_in_run = torch.maximum(st.fired_in_run, take.float()) * nf
+        st.run = length * nf
+        st.overflow_total = st.overflow_total + hidden + nf
+        st.prev_scale = cur.clone()
+        st.prev_tracker = tracker
+        if nonfinite is not None:
+            st.prev_nf = nf
 
-    def metric_tensors(self) -> list[Tensor]:
-        """``[scale, overflow_steps]`` as 1-element float tensors, for the logging-step transfer."""
-        assert self._st is not None
+    def metric_tensors(self) -> dict[str, Tensor]:
+        """``{"scale": ..., "overflow_steps": ...}``: 1-element float tensors for the logging-step transfer."""
         scale = getattr(self.scaler, "_scale", None)  # a disabled scaler has none
         if scale is None:
             scale = torch.full((), math.nan, device=self.device)
         scale = scale.to(self.device, torch.float32)
-        return [scale.reshape(1), self._st["overflow_total"].reshape(1)]
+        return {"scale": scale.reshape(1), "overflow_steps": self.state.overflow_total.reshape(1)}
 
-    def pending(self) -> list[Tensor]:
-        """Tensors read back at logging steps: ``[fired_step, fired_value]``."""
-        assert self.fired_step is not None and self.fired_value is not None
-        return [self.fired_step, self.fired_value]
+    def readout(self) -> dict[str, Tensor]:
+        """Named tensors read back at logging steps (the overflow-run latch)."""
+        return self.state.readout()
 
-    def collect(self, values: list[list[float]], step: int) -> list[Finding]:
-        """Turn the read-back values into a finding."""
-        assert self.fired_step is not None
-        self.fired_step = torch.full_like(self.fired_step, -1.0)
-        s, v = int(values[0][0]), int(values[1][0])
-        if s < 0:
-            return []
-        return [
-            Finding(
-                "nonfinite",
-                "amp_overflow",
-                s,
-                None,
-                float(v),
-                float(self.limit),
-                "error",
-                f"The GradScaler skipped {v} consecutive optimizer steps for inf/NaN gradients (up to step {s}): "
-                f"its scale fell {self.scaler.get_backoff_factor():g}^{v}-fold, far beyond calibration, so the "
-                "gradients are non-finite at any scale and training is not progressing.",
+    def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
+        """Turn the read-back values (by name, as :meth:`readout` named them) into a finding."""
+        out = []
+        for f in self.latch.fired(values):
+            s, v = f.step, int(f.value)
+            out.append(
+                Finding(
+                    "nonfinite",
+                    "amp_overflow",
+                    s,
+                    None,
+                    float(v),
+                    float(self.limit),
+                    "error",
+                    f"The GradScaler skipped {v} consecutive optimizer steps for inf/NaN gradients (up to step {s}): "
+                    f"its scale fell {self.scaler.get_backoff_factor():g}^{v}-fold, far beyond calibration, so the "
+                    "gradients are non-finite at any scale and training is not progressing.",
+                )
             )
-        ]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Device state (for checkpoints)."""
-        return {} if self._st is None else {k: v.clone() for k, v in self._st.items()}
+        """Device state (for checkpoints); ``{}`` before :meth:`bind`."""
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (after :meth:`bind`)."""
-        assert self._st is not None
-        for k in self._keys:
-            if k in state:
-                self._st[k] = torch.as_tensor(state[k]).to(self.device, torch.float32)
+        """Restore :meth:`state_dict` (before or after :meth:`bind`)."""
+        self.state.load_state_dict(state)

@@ -15,7 +15,7 @@ values and the coefficient is applied to the scaled gradients, which the scaler 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
+from gradwatch.detectors.base import DeviceState
 from gradwatch.stats import Gathered, GradStats
 
 if TYPE_CHECKING:
@@ -263,48 +264,39 @@ class AGC:
 
 
 class _Running:
-    """Device state allocated at the first step (or restored from a checkpoint before it)."""
-
-    _keys: tuple[str, ...] = ()
-    # Each subclass defines ``_init_state(device) -> dict[str, Tensor]``: its fresh state.
-    _init_state: Callable[[torch.device], dict[str, Tensor]]
+    """A clipper with running device state (:class:`~gradwatch.detectors.DeviceState`), allocated on
+    the gradients' device at the first step, or restored from a checkpoint before it."""
 
     def __init__(self) -> None:
-        self._state: dict[str, Tensor] | None = None
-        self._loaded: dict[str, Tensor] | None = None
+        self.state = self._declare()
 
-    def _get(self, device: torch.device) -> dict[str, Tensor]:
-        if self._state is None:
-            self._state = self._init_state(device)
-            if self._loaded is not None:
-                self._state = {k: self._loaded[k].to(device) for k in self._keys}
-                self._loaded = None
-        return self._state
+    def _declare(self) -> DeviceState:
+        """A fresh :class:`DeviceState` with this clipper's tensors declared."""
+        raise NotImplementedError
 
-    def _check_loaded(self, state: dict[str, Any]) -> dict[str, Tensor]:
-        missing = [k for k in self._keys if k not in state]
+    def _state_on(self, device: torch.device) -> DeviceState:
+        if not self.state.bound:
+            self.state.bind(device)
+        return self.state
+
+    def _check_loaded(self, state: dict[str, Any]) -> None:
+        missing = [k for k in self.state.names if k not in state]
         if missing:
             raise ValueError(
                 f"`state` for {self!r} lacks {missing}; pass what {type(self).__name__}.state_dict() returned"
             )
-        return {k: torch.as_tensor(state[k]).detach().clone() for k in self._keys}
 
     def state_dict(self) -> dict[str, Any]:
         """Running state as device tensors (the restored state if no step ran since loading)."""
-        src = self._state if self._state is not None else self._loaded
-        return {} if src is None else {k: v.clone() for k, v in src.items()}
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (an empty dict resets to the fresh state)."""
         if not state:
-            self._state, self._loaded = None, None
+            self.state = self._declare()
             return
-        loaded = self._check_loaded(state)
-        if self._state is not None:
-            dev = next(iter(self._state.values())).device
-            self._state = {k: v.to(dev) for k, v in loaded.items()}
-        else:
-            self._loaded = loaded
+        self._check_loaded(state)
+        self.state.load_state_dict(state)
 
 
 class ZScore(_Running):
@@ -334,8 +326,6 @@ class ZScore(_Running):
         max_norm: clip the total norm to this during warm-up (``None``: no clipping then).
     """
 
-    _keys = ("count", "mean", "m2")
-
     def __init__(
         self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, *, max_norm: float | None = None
     ) -> None:
@@ -345,14 +335,17 @@ class ZScore(_Running):
         self.warmup = check_int("warmup", warmup, 2)
         self.max_norm = None if max_norm is None else check_positive("max_norm", max_norm)
 
-    def _init_state(self, device: torch.device) -> dict[str, Tensor]:
+    def _declare(self) -> DeviceState:
+        st = DeviceState()
         # m2 is the sum of squared deviations during warm-up (Welford) and the variance afterwards.
-        return {k: torch.zeros((), dtype=torch.float32, device=device) for k in self._keys}
+        for name in ("count", "mean", "m2"):
+            st.add_state(name, lambda dev: torch.zeros((), dtype=torch.float32, device=dev))
+        return st
 
     def clip_(self, gathered: Gathered, stats: GradStats) -> ClipResult:
-        st = self._get(stats.total_norm.device)
+        st = self._state_on(stats.total_norm.device)
         g = stats.total_norm.to(torch.float32)
-        count, mean, m2 = st["count"], st["mean"], st["m2"]
+        count, mean, m2 = st.count, st.mean, st.m2
         finite = torch.isfinite(g)
         warm = count >= self.warmup
         std = m2.clamp_min(0).sqrt()
@@ -368,9 +361,9 @@ class ZScore(_Running):
         w_m2 = torch.where(n1 >= self.warmup, w_m2 / n1, w_m2)
         e_mean = self.alpha * mean + (1 - self.alpha) * x
         e_var = self.alpha * m2 + (1 - self.alpha) * (x - e_mean) ** 2
-        st["mean"] = torch.where(finite, torch.where(warm, e_mean, w_mean), mean)
-        st["m2"] = torch.where(finite, torch.where(warm, e_var, w_m2), m2)
-        st["count"] = count + finite.to(count.dtype)
+        st.mean = torch.where(finite, torch.where(warm, e_mean, w_mean), mean)
+        st.m2 = torch.where(finite, torch.where(warm, e_var, w_m2), m2)
+        st.count = count + finite.to(count.dtype)
         return ClipResult(threshold, coef)
 
     def __repr__(self) -> str:
@@ -394,39 +387,37 @@ class Percentile(_Running):
         history: number of recent norms kept.
     """
 
-    _keys = ("buffer", "pos", "count")
-
     def __init__(self, percentile: float = 10.0, history: int = 1000) -> None:
-        super().__init__()
         self.percentile = check_range("percentile", percentile, 0.0, 100.0)
         self.history = check_int("history", history, 1)
+        super().__init__()
 
-    def _init_state(self, device: torch.device) -> dict[str, Tensor]:
-        return {
-            "buffer": torch.full((self.history,), math.nan, dtype=torch.float32, device=device),
-            "pos": torch.zeros((), dtype=torch.long, device=device),
-            "count": torch.zeros((), dtype=torch.long, device=device),
-        }
+    def _declare(self) -> DeviceState:
+        st = DeviceState()
+        st.add_state("buffer", lambda dev: torch.full((self.history,), math.nan, dtype=torch.float32, device=dev))
+        st.add_state("pos", lambda dev: torch.zeros((), dtype=torch.long, device=dev))  # next slot
+        st.add_state("count", lambda dev: torch.zeros((), dtype=torch.long, device=dev))  # finite norms seen
+        return st
 
-    def _check_loaded(self, state: dict[str, Any]) -> dict[str, Tensor]:
-        loaded = super()._check_loaded(state)
-        if tuple(loaded["buffer"].shape) != (self.history,):
+    def _check_loaded(self, state: dict[str, Any]) -> None:
+        super()._check_loaded(state)
+        shape = tuple(torch.as_tensor(state["buffer"]).shape)
+        if shape != (self.history,):
             raise ValueError(
-                f"`state` holds a history of {tuple(loaded['buffer'].shape)} norms but this Percentile keeps "
+                f"`state` holds a history of {shape} norms but this Percentile keeps "
                 f"history={self.history}; build it with the same `history`"
             )
-        return loaded
 
     def clip_(self, gathered: Gathered, stats: GradStats) -> ClipResult:
-        st = self._get(stats.total_norm.device)
+        st = self._state_on(stats.total_norm.device)
         g = stats.total_norm.to(torch.float32)
         finite = torch.isfinite(g)
-        buf, pos = st["buffer"], st["pos"]
+        buf, pos = st.buffer, st.pos
         slot = buf.index_select(0, pos.reshape(1)).reshape(())
         buf = buf.index_put((pos.reshape(1),), torch.where(finite, g, slot).reshape(1))
-        st["buffer"] = buf
-        st["pos"] = (pos + finite.to(pos.dtype)) % self.history
-        st["count"] = st["count"] + finite.to(torch.long)
+        st.buffer = buf
+        st.pos = (pos + finite.to(pos.dtype)) % self.history
+        st.count = st.count + finite.to(torch.long)
         threshold = torch.nanquantile(buf, self.percentile / 100.0)
         coef = _safe_coef(threshold, g)
         scale_(gathered, coef)

@@ -1,0 +1,497 @@
+"""The detector framework: what a detector sees, how it keeps state, and what it reports.
+
+One step's trip through a detector:
+
+1. :meth:`Detector.bind` (once, at the first step): declare device state in :attr:`Detector.state`
+   (a :class:`DeviceState`), usually through :class:`Latch` and :class:`Persistence`.
+2. :meth:`Detector.update` (every step): fold the step's :class:`StepEvidence` into that state with
+   tensor arithmetic only: no ``.item()``, no ``if tensor`` (the device never waits for the host).
+3. :meth:`Detector.readout` (logging steps): named 1-D float tensors. The monitor reads every
+   detector's readout in one transfer and hands each detector its own values back, by name.
+4. :meth:`Detector.collect` (right after): host values in, :class:`Finding` objects out.
+
+``state_dict``/``load_state_dict``/``reset`` come from the declared state: a new detector writes
+only its ``bind``, ``update`` and ``collect``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradwatch.activations import ActivationStats
+from gradwatch.layers import Layer
+from gradwatch.stats import GradStats
+
+if TYPE_CHECKING:
+    from gradwatch.temporal import TimeProfile
+
+__all__ = [
+    "ActivationStats",
+    "Detector",
+    "DetectorContext",
+    "DeviceState",
+    "Finding",
+    "Fired",
+    "GradStats",
+    "Latch",
+    "Persistence",
+    "StepEvidence",
+]
+
+TINY = 1e-30  # floor before a log or a division: far below any gradient statistic that means something
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a detector found, before remedies are attached.
+
+    Attributes:
+        kind: alert kind (``"vanishing"``, ``"exploding"``, ...; see :mod:`gradwatch.schema`).
+        source: which check inside the detector fired (de-duplication key with ``kind``).
+        step: step at which the condition was established.
+        layer: layer name or ``None`` for model-wide.
+        value: the figure that crossed ``threshold``.
+        threshold: the threshold.
+        severity: ``"info"``, ``"warning"`` or ``"error"``.
+        message: one sentence, with the layer and the figure.
+        layers: every layer concerned, most relevant first.
+        evidence: further named figures behind the finding, e.g. ``(("typical_norm", 0.8),)``.
+    """
+
+    kind: str
+    source: str
+    step: int
+    layer: str | None
+    value: float
+    threshold: float
+    severity: str
+    message: str
+    layers: tuple[str, ...] = ()
+    evidence: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class DetectorContext:
+    """What a detector may know about the model: the layers, never the modules."""
+
+    layers: list[Layer]
+    device: torch.device
+    numel: Tensor  # float32[L]: elements per layer
+    weight_layers: list[int] = field(default_factory=list)  # indices of weight layers, forward order
+    activation_names: list[str] = field(default_factory=list)
+    activation_kinds: list[str] = field(default_factory=list)  # "relu" | "sigmoid" | "tanh" | "other"
+    excluded_activations: list[bool] = field(default_factory=list)  # True for output activations
+    time_layers: list[str] = field(default_factory=list)  # recurrent modules profiled in time (track_time)
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names, in forward order."""
+        return [layer.name for layer in self.layers]
+
+
+@dataclass
+class StepEvidence:
+    """Everything one step hands every detector, by name.
+
+    Attributes:
+        stats: the step's per-layer gradient statistics.
+        step: this step's number as a float32 device scalar.
+        activations: activation fractions (``track_activations=True``), else ``None``.
+        times: the temporal profile of recurrent modules (``track_time=True``, logging steps), else ``None``.
+        loss: the step's training loss as a float32 device scalar, when the loop gave one.
+        logging: whether this is a logging step (a host bool).
+        cache: values derived from the evidence this step, shared by detectors (see :meth:`derived`).
+    """
+
+    stats: GradStats
+    step: Tensor
+    activations: ActivationStats | None = None
+    times: TimeProfile | None = None
+    loss: Tensor | None = None
+    logging: bool = False
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` computed once per step under ``key``, shared by every detector that asks.
+
+        Every tensor op costs microseconds of dispatch on the per-step path; what two detectors
+        derive from the same evidence (Vanishing and Exploding both need the depth profile) is
+        computed once. ``key`` must name everything the value depends on beyond this evidence.
+        """
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _nest(flat: Mapping[str, Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        *path, leaf = k.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+class _Decl(NamedTuple):
+    factory: Callable[[torch.device], Tensor]
+    persistent: bool
+    readout: bool
+
+
+class DeviceState:
+    """Declared device tensors, in the spirit of torchmetrics' ``Metric.add_state``.
+
+    Declare each tensor once with :meth:`add_state` (a factory that builds its fresh value on a
+    device); :meth:`bind` allocates them all, and the helper then moves, checkpoints and resets
+    them. Tensors are read and replaced as attributes or items::
+
+        st = DeviceState()
+        st.add_state("mean", lambda dev: torch.zeros((), device=dev))
+        st.bind(torch.device("cpu"))
+        st.mean = 0.9 * st.mean + 0.1 * x       # or st["mean"]
+
+    A dotted name (``"depth.streak"``) is checkpointed nested (``{"depth": {"streak": ...}}``).
+    A state loaded before :meth:`bind` is kept and applied when the tensors are allocated.
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_decls", {})
+        object.__setattr__(self, "_tensors", None)
+        object.__setattr__(self, "_loaded", None)
+        object.__setattr__(self, "device", None)
+
+    # -- declaration
+    def add_state(
+        self,
+        name: str,
+        factory: Callable[[torch.device], Tensor],
+        *,
+        persistent: bool = True,
+        readout: bool = False,
+    ) -> None:
+        """Declare a tensor.
+
+        Args:
+            name: its name (dots nest it in :meth:`state_dict`).
+            factory: builds the fresh tensor on a given device.
+            persistent: whether it goes into :meth:`state_dict`.
+            readout: whether :meth:`readout` returns it (read back at logging steps).
+
+        Raises:
+            ValueError: the name is taken, or the tensors are already allocated.
+        """
+        if name in self._decls:
+            raise ValueError(f"state {name!r} is declared twice")
+        if self._tensors is not None:
+            raise ValueError(f"state {name!r} declared after bind(); declare every state before binding")
+        self._decls[name] = _Decl(factory, persistent, readout)
+
+    @property
+    def names(self) -> list[str]:
+        """Declared names, in declaration order."""
+        return list(self._decls)
+
+    @property
+    def bound(self) -> bool:
+        """Whether the tensors are allocated."""
+        return self._tensors is not None
+
+    # -- lifecycle
+    def bind(self, device: torch.device | str) -> None:
+        """Allocate every declared tensor on ``device`` (then apply a state loaded before)."""
+        object.__setattr__(self, "device", torch.device(device))
+        object.__setattr__(self, "_tensors", {n: d.factory(self.device) for n, d in self._decls.items()})
+        loaded = self._loaded
+        object.__setattr__(self, "_loaded", None)
+        if loaded is not None:
+            self._apply(loaded)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move every tensor to ``device``."""
+        device = torch.device(device)
+        if self._tensors is not None:
+            object.__setattr__(self, "_tensors", {n: t.to(device) for n, t in self._tensors.items()})
+        object.__setattr__(self, "device", device)
+
+    def reset(self, *names: str) -> None:
+        """Fresh values for ``names`` (every tensor when none is given)."""
+        if self._tensors is None:
+            object.__setattr__(self, "_loaded", None)
+            return
+        for n in names or tuple(self._decls):
+            self._tensors[n] = self._decls[n].factory(self.device)
+
+    def readout(self) -> dict[str, Tensor]:
+        """The tensors declared with ``readout=True``, flattened to 1-D float32."""
+        t = self._require()
+        return {n: t[n].reshape(-1).to(torch.float32) for n, d in self._decls.items() if d.readout}
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Persistent tensors (clones), nested by dotted name; ``{}`` before bind and load."""
+        if self._tensors is None:
+            return {} if self._loaded is None else _nest({k: v.clone() for k, v in self._loaded.items()})
+        return _nest({n: self._tensors[n].clone() for n, d in self._decls.items() if d.persistent})
+
+    def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = False) -> None:
+        """Restore :meth:`state_dict` (nested or flat); before :meth:`bind`, kept until it.
+
+        Args:
+            state: what :meth:`state_dict` returned. Unknown names are ignored; missing ones keep
+                their current value unless ``strict``.
+            strict: raise when a persistent name is missing.
+
+        Raises:
+            ValueError: ``strict`` and a persistent name is missing, or a tensor's shape differs.
+        """
+        flat = _flatten(state)
+        if strict:
+            missing = [n for n, d in self._decls.items() if d.persistent and n not in flat]
+            if missing:
+                raise ValueError(f"`state` lacks {missing}")
+        loaded = {n: torch.as_tensor(v).detach().clone() for n, v in flat.items()}
+        if self._tensors is None:  # names may not be declared yet: keep everything until bind
+            object.__setattr__(self, "_loaded", {**(self._loaded or {}), **loaded})
+        else:
+            self._apply(loaded)
+
+    def _apply(self, loaded: Mapping[str, Tensor]) -> None:
+        t = self._require()
+        for n, v in loaded.items():
+            if n not in t or not self._decls[n].persistent:
+                continue
+            if v.shape != t[n].shape:
+                raise ValueError(
+                    f"`state` holds {n!r} of shape {tuple(v.shape)} but this detector keeps {tuple(t[n].shape)}"
+                )
+            t[n] = v.to(device=t[n].device, dtype=t[n].dtype)
+
+    # -- access
+    def _require(self) -> dict[str, Tensor]:
+        if self._tensors is None:
+            raise RuntimeError("the device state is not allocated yet: call bind(device) first")
+        return self._tensors
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._require()[name]
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        if name not in self._decls:
+            raise KeyError(f"state {name!r} is not declared; declared: {self.names}")
+        self._require()[name] = value
+
+    def __getattr__(self, name: str) -> Tensor:
+        decls = object.__getattribute__(self, "_decls")
+        if name in decls:
+            return self[name]
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._decls:
+            self[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+
+class Fired(NamedTuple):
+    """One latched entry as the host sees it.
+
+    Attributes:
+        index: the entry (layer index for a per-layer latch, 0 for a model-wide one).
+        step: the step it fired at.
+        value: its ``value`` (NaN when the latch keeps none).
+        values: every latched value by name (a list for a vector-valued single entry).
+    """
+
+    index: int
+    step: int
+    value: float
+    values: dict[str, Any]
+
+
+class Latch:
+    """The "fired at step" latch: the first step (and values) at which something happened since the last read.
+
+    ``n`` independent entries (one per layer, or one for a model-wide condition). An entry that has
+    fired keeps its step and values until :meth:`fired` reads it, so a condition seen between two
+    logging steps is reported with its own step, once.
+
+    Args:
+        state: where the tensors are declared (``<name>.fired_step``, ``<name>.fired_<value>``).
+        name: the latch's name in ``state``.
+        n: number of entries.
+        values: latched values and their width per entry (``None``: one per entry, like the step;
+            an int ``k``: a ``k``-vector for a single-entry latch, e.g. the layers that were non-finite).
+    """
+
+    def __init__(
+        self, state: DeviceState, name: str, n: int, values: Mapping[str, int | None] | Sequence[str] = ("value",)
+    ) -> None:
+        self.state, self.name, self.n = state, name, n
+        items = values.items() if isinstance(values, Mapping) else ((v, None) for v in values)
+        self.values: dict[str, int | None] = dict(items)  # None: one value per entry
+        state.add_state(f"{name}.fired_step", lambda dev: torch.full((n,), -1.0, device=dev), readout=True)
+        for v, width in self.values.items():
+            size = n if width is None else width
+            state.add_state(f"{name}.fired_{v}", lambda dev, k=size: torch.zeros(k, device=dev), readout=True)
+
+    @property
+    def step(self) -> Tensor:
+        """float32[n]: the step each entry fired at, ``-1`` where it has not."""
+        return self.state[f"{self.name}.fired_step"]
+
+    def update(self, take: Tensor, step: Tensor, **values: Tensor) -> Tensor:
+        """Latch ``values`` at ``step`` where ``take`` holds and the entry is still free (device only).
+
+        Returns:
+            The entries latched now (bool[n]).
+        """
+        first = take.reshape(-1) & (self.step < 0)
+        self.state[f"{self.name}.fired_step"] = torch.where(first, step, self.step)
+        for v, t in values.items():
+            key = f"{self.name}.fired_{v}"
+            self.state[key] = torch.where(first, t.to(torch.float32), self.state[key])
+        return first
+
+    def fired(self, values: Mapping[str, list[float]]) -> list[Fired]:
+        """The latched entries in the read-back ``values`` (by index), and free the latch."""
+        self.clear()
+        steps = values[f"{self.name}.fired_step"]
+        cols = {v: values[f"{self.name}.fired_{v}"] for v in self.values}
+        out = []
+        for i, s in enumerate(steps):
+            if s < 0:
+                continue
+            vals = {v: col[i] if self.values[v] is None else col for v, col in cols.items()}
+            value = vals.get("value", math.nan)
+            out.append(Fired(i, int(s), float(value) if isinstance(value, float) else math.nan, vals))
+        return out
+
+    def clear(self) -> None:
+        """Free every entry (the host has read them)."""
+        self.state[f"{self.name}.fired_step"] = torch.full_like(self.step, -1.0)
+
+
+class Persistence:
+    """A condition must hold ``persist`` consecutive steps (a device streak) before it is latched.
+
+    Severity-scaled persistence: where ``immediate`` holds (a condition so severe that waiting
+    would only let it do harm), the entry fires on the step it is seen, whatever its streak.
+
+    Args:
+        state: where the tensors are declared (``<name>.streak`` and the latch's).
+        name: its name in ``state``.
+        n: number of entries (layers, or 1 for a model-wide condition).
+        persist: consecutive steps required.
+    """
+
+    def __init__(self, state: DeviceState, name: str, n: int, persist: int) -> None:
+        self.persist = persist
+        self.name = name
+        self._state = state
+        state.add_state(f"{name}.streak", lambda dev: torch.zeros(n, device=dev))
+        self.latch = Latch(state, name, n)
+
+    @property
+    def streak(self) -> Tensor:
+        """float32[n]: consecutive steps the condition has held."""
+        return self._state[f"{self.name}.streak"]
+
+    def update(self, cond: Tensor, value: Tensor, step: Tensor, immediate: Tensor | None = None) -> Tensor:
+        """Advance the streaks with this step's condition and value (device only).
+
+        Args:
+            cond: bool[n] (or broadcastable): whether the condition holds this step.
+            value: the figure to report should the entry fire now.
+            step: this step's number (float32 device scalar).
+            immediate: bool, where set the entry fires now (severity-scaled persistence).
+
+        Returns:
+            The entries latched now (bool[n]).
+        """
+        streak = (self.streak + 1.0) * cond
+        self._state[f"{self.name}.streak"] = streak
+        take = streak >= self.persist
+        if immediate is not None:
+            take = take | immediate
+        return self.latch.update(take, step, value=value)
+
+    def fired(self, values: Mapping[str, list[float]]) -> list[Fired]:
+        """See :meth:`Latch.fired`."""
+        return self.latch.fired(values)
+
+
+class Detector:
+    """Base class of detectors: declare state in :meth:`bind`, fold evidence in :meth:`update`,
+    turn read-back values into findings in :meth:`collect`.
+
+    The default :meth:`readout` returns every tensor declared with ``readout=True`` (the latches'),
+    and the default :meth:`state_dict`/:meth:`load_state_dict` the persistent declared state.
+
+    Example::
+
+        class BandDetector(Detector):
+            def bind(self, ctx):
+                super().bind(ctx)
+                self.out = Persistence(self.state, "out", 1, persist=3)
+                self.state.bind(ctx.device)
+
+            def update(self, ev):
+                g = ev.stats.grad_norm[self.index]
+                self.out.update((g < self.low) | (g > self.high), g, ev.step)
+
+            def collect(self, values, step):
+                return [Finding("band", "out", f.step, ...) for f in self.out.fired(values)]
+    """
+
+    def __init__(self) -> None:
+        self.state = DeviceState()
+        self.ctx: DetectorContext | None = None
+
+    def bind(self, ctx: DetectorContext) -> None:
+        """Keep the context; subclasses declare their state, then call ``self.state.bind(ctx.device)``."""
+        self.ctx = ctx
+        fresh = DeviceState()  # bind may run again (a new monitor): declarations start over
+        object.__setattr__(fresh, "_loaded", None if self.state.bound else self.state._loaded)
+        self.state = fresh
+
+    def update(self, ev: StepEvidence) -> None:
+        """Fold this step's evidence into the device state (device only)."""
+        raise NotImplementedError
+
+    def readout(self) -> dict[str, Tensor]:
+        """Named 1-D float tensors to read back at the next logging step."""
+        return self.state.readout() if self.state.bound else {}
+
+    def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
+        """Turn the read-back values (by name, as :meth:`readout` named them) into findings."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running state as nested dicts of tensors (for checkpoints)."""
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before or after :meth:`bind`)."""
+        self.state.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,315 @@
+"""The detector framework on its own: DeviceState, Latch, Persistence, the EMAs, and detectors driven
+step by step with hand-built evidence (no monitor), against plain-Python float64 references."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from gradwatch.detectors import (
+    Detector,
+    DetectorContext,
+    DeviceState,
+    Exploding,
+    Finding,
+    GradStats,
+    Latch,
+    NonFinite,
+    Persistence,
+    Spike,
+    StepEvidence,
+    TimeVanishing,
+    Vanishing,
+)
+from gradwatch.layers import Layer
+from gradwatch.temporal import TimeProfile
+
+CPU = torch.device("cpu")
+
+
+def ctx_for(n: int = 4) -> DetectorContext:
+    layers = [Layer(f"l{i}", f"l{i}", (), True) for i in range(n)]
+    return DetectorContext(
+        layers=layers, device=CPU, numel=torch.full((n,), 100.0), weight_layers=list(range(n)), time_layers=["rnn"]
+    )
+
+
+def stats_of(grad_norm: list[float], param_norm: list[float] | None = None) -> GradStats:
+    g = torch.tensor(grad_norm, dtype=torch.float32)
+    sq = g * g
+    total = sq.sum()
+    return GradStats(
+        step=0,
+        present=torch.ones(len(grad_norm), dtype=torch.bool),
+        present_host=(True,) * len(grad_norm),
+        grad_sq=sq,
+        grad_norm=g,
+        total_norm=total.sqrt(),
+        nonfinite=~torch.isfinite(sq),
+        any_nonfinite=~torch.isfinite(total),
+        param_norm=None if param_norm is None else torch.tensor(param_norm),
+        grad_max=None if param_norm is None else g,
+    )
+
+
+def evidence(step: int, stats: GradStats, **kw) -> StepEvidence:
+    return StepEvidence(stats=stats, step=torch.tensor(float(step)), **kw)
+
+
+def read(d: Detector | object) -> dict[str, list[float]]:
+    """What the monitor does at a logging step: one host read of the named readout."""
+    return {k: v.tolist() for k, v in d.readout().items()}  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------ DeviceState
+def test_device_state_allocates_checkpoints_resets_and_moves() -> None:
+    st = DeviceState()
+    st.add_state("ema.mean", lambda dev: torch.zeros(3, device=dev))
+    st.add_state("count", lambda dev: torch.zeros((), device=dev))
+    st.add_state("scratch", lambda dev: torch.ones(2, device=dev), persistent=False, readout=True)
+    assert not st.bound and st.state_dict() == {}
+    with pytest.raises(RuntimeError, match="not allocated yet"):
+        _ = st.count
+    st.bind("cpu")
+    assert st.bound and st.names == ["ema.mean", "count", "scratch"]
+    st.count = st.count + 5
+    st["ema.mean"] = torch.tensor([1.0, 2.0, 3.0])
+    sd = st.state_dict()
+    assert set(sd) == {"ema", "count"} and set(sd["ema"]) == {"mean"}  # nested by dotted name, scratch left out
+    assert sd["count"].item() == 5.0 and sd["ema"]["mean"].tolist() == [1.0, 2.0, 3.0]
+    st.count = st.count + 1
+    assert sd["count"].item() == 5.0  # state_dict holds clones
+    assert {k: v.tolist() for k, v in st.readout().items()} == {"scratch": [1.0, 1.0]}
+
+    st.reset("count")
+    assert st.count.item() == 0.0 and st["ema.mean"].tolist() == [1.0, 2.0, 3.0]
+    st.load_state_dict(sd)
+    assert st.count.item() == 5.0
+    st.load_state_dict({"ema.mean": torch.tensor([7.0, 8.0, 9.0])})  # flat names load too
+    assert st["ema.mean"].tolist() == [7.0, 8.0, 9.0]
+    st.reset()
+    assert st.count.item() == 0.0 and st["ema.mean"].tolist() == [0.0, 0.0, 0.0]
+
+    st.to("meta")
+    assert st.device == torch.device("meta") and st.count.device.type == "meta"
+
+    with pytest.raises(ValueError, match="declared after bind"):
+        st.add_state("late", lambda dev: torch.zeros(()))
+    with pytest.raises(KeyError, match="'nope' is not declared"):
+        st["nope"] = torch.zeros(())
+
+
+def test_device_state_loaded_before_bind_is_applied_at_bind() -> None:
+    st = DeviceState()
+    st.load_state_dict({"count": torch.tensor(3.0), "old_key": torch.tensor(1.0)})  # unknown names are ignored
+    assert st.state_dict()["count"].item() == 3.0  # a checkpoint taken before the first step round-trips
+    st.add_state("count", lambda dev: torch.zeros((), device=dev))
+    st.bind(CPU)
+    assert st.count.item() == 3.0
+
+
+def test_device_state_rejects_wrong_shapes_and_missing_names() -> None:
+    st = DeviceState()
+    st.add_state("buf", lambda dev: torch.zeros(4, device=dev))
+    st.bind(CPU)
+    with pytest.raises(ValueError, match=r"`state` holds 'buf' of shape \(5,\) but this detector keeps \(4,\)"):
+        st.load_state_dict({"buf": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"`state` lacks \['buf'\]"):
+        st.load_state_dict({}, strict=True)
+    with pytest.raises(ValueError, match="declared twice"):
+        st.add_state("buf", lambda dev: torch.zeros(4, device=dev))
+
+
+# ------------------------------------------------------------------------------------------ Latch
+def test_latch_keeps_the_first_step_until_read() -> None:
+    st = DeviceState()
+    latch = Latch(st, "x", 3)
+    st.bind(CPU)
+    latch.update(torch.tensor([False, True, False]), torch.tensor(4.0), value=torch.tensor([0.0, 40.0, 0.0]))
+    latch.update(torch.tensor([True, True, False]), torch.tensor(5.0), value=torch.tensor([51.0, 52.0, 0.0]))
+    fired = latch.fired(read(st))
+    assert [(f.index, f.step, f.value) for f in fired] == [(0, 5, 51.0), (1, 4, 40.0)]  # entry 1 kept step 4
+    assert latch.step.tolist() == [-1.0, -1.0, -1.0]  # read: free again
+    assert latch.fired(read(st)) == []
+    latch.update(torch.tensor([False, True, False]), torch.tensor(9.0), value=torch.tensor([0.0, 90.0, 0.0]))
+    assert [(f.index, f.step) for f in latch.fired(read(st))] == [(1, 9)]
+
+
+def test_latch_with_a_vector_value() -> None:
+    st = DeviceState()
+    latch = Latch(st, "nf", 1, values={"layers": 1})  # one layer: the vector has the entry count's length
+    st.bind(CPU)
+    latch.update(torch.tensor(True), torch.tensor(2.0), layers=torch.tensor([1.0]))
+    (f,) = latch.fired(read(st))
+    assert f.step == 2 and f.values == {"layers": [1.0]} and math.isnan(f.value)
+
+
+# ------------------------------------------------------------------------------------ Persistence
+def test_persistence_streaks_against_reference() -> None:
+    rng = random.Random(0)
+    conds = [[rng.random() < 0.7 for _ in range(5)] for _ in range(40)]
+    st = DeviceState()
+    p = Persistence(st, "c", 5, persist=3)
+    st.bind(CPU)
+    streak = [0] * 5
+    expected: dict[int, tuple[int, float]] = {}
+    got: dict[int, tuple[int, float]] = {}
+    for t, cond in enumerate(conds):
+        value = [10.0 * t + i for i in range(5)]
+        p.update(torch.tensor(cond), torch.tensor(value), torch.tensor(float(t)))
+        for i in range(5):
+            streak[i] = streak[i] + 1 if cond[i] else 0
+            if streak[i] >= 3 and i not in expected:
+                expected[i] = (t, value[i])
+        assert p.streak.tolist() == streak
+        if t % 7 == 6:  # a logging step every 7 steps
+            got.update({f.index: (f.step, f.value) for f in p.fired(read(st)) if f.index not in got})
+            assert got == expected
+            # After a read the latch is free: a condition that persists fires again at its next step.
+            expected, got = {}, {}
+
+
+def test_persistence_immediate_fires_on_the_step_it_is_seen() -> None:
+    st = DeviceState()
+    p = Persistence(st, "c", 2, persist=5)
+    st.bind(CPU)
+    cond, value, now = torch.tensor([True, True]), torch.tensor([1.0, 2.0]), torch.tensor(0.0)
+    p.update(cond, value, now, immediate=torch.tensor([False, True]))
+    fired = p.fired(read(st))
+    assert [(f.index, f.step, f.value) for f in fired] == [(1, 0, 2.0)]
+    assert p.streak.tolist() == [1.0, 1.0]  # the streak itself is unchanged by immediacy
+
+
+# ----------------------------------------------------------------------------------------- the EMAs
+def _spike_reference(norms: list[float], alpha: float, z: float, factor: float, warmup: int):
+    mean = var = count = 0.0
+    spikes = []
+    for t, n in enumerate(norms):
+        usable = math.isfinite(n) and n > 0
+        x = math.log(max(n, 1e-30)) if n == n else math.nan
+        std = math.sqrt(var + 0.01)
+        warm = count >= warmup
+        if usable and warm and x - mean > z * std and x - mean > math.log(factor):
+            spikes.append((t, math.exp(x - mean)))
+        if usable:
+            a = alpha if warm else count / (count + 1)
+            xw = min(x, mean + 3 * std) if warm else x
+            new_mean = a * mean + (1 - a) * xw
+            var = max(a * var + (1 - a) * (xw - mean) * (xw - new_mean), 0.0)
+            mean = new_mean
+            count += 1
+    return mean, var, count, spikes
+
+
+def test_spike_ema_matches_float64_reference() -> None:
+    rng = random.Random(1)
+    norms = [math.exp(rng.gauss(0.0, 0.3)) for _ in range(80)]
+    norms[10] = float("nan")  # not usable: leaves the EMA alone
+    norms[30] *= 200.0  # a spike
+    norms[33] *= 150.0  # in the same read window: the latch keeps the first one only
+    norms[41] *= 150.0  # the winsorised EMA did not swallow the first spike: this one is seen too
+    norms[50] = 0.0
+    d = Spike(warmup=20)
+    d.bind(ctx_for(1))
+    found: list[Finding] = []
+    for t, n in enumerate(norms):
+        d.update(evidence(t, stats_of([n])))
+        if t % 10 == 9:
+            found += d.collect(read(d), t)
+    mean, var, count, spikes = _spike_reference(norms, 0.95, 6.0, 10.0, 20)
+    assert d.state.mean.item() == pytest.approx(mean, rel=1e-4, abs=1e-5)
+    assert d.state.var.item() == pytest.approx(var, rel=1e-3, abs=1e-6)
+    assert d.state.count.item() == count == 78
+    assert [s for s, _ in spikes] == [30, 33, 41]
+    first_per_window = [(s, v) for s, v in spikes if s != 33]
+    assert [(f.step, f.value) for f in found] == [(s, pytest.approx(v, rel=1e-4)) for s, v in first_per_window]
+    assert found[0].kind == "spike" and found[0].evidence[0][0] == "typical_norm"
+
+
+def test_time_vanishing_ema_matches_reference() -> None:
+    ratios = [1e-3, 1e-9, 1e-12, 1e-15, 1e-2, 1e-20]
+    seen = [True, True, False, True, True, True]
+    d = TimeVanishing(min_ratio=1e-8, alpha=0.7, warmup=3)
+    d.bind(ctx_for(2))
+    ema = count = 0.0
+    first_fire = None
+    for t, (r, s) in enumerate(zip(ratios, seen)):
+        prof = TimeProfile(
+            log_ratio=torch.tensor([math.log(r)]), log_decay=torch.tensor([math.log(r) / 9]),
+            steps=torch.tensor([10.0]), seen=torch.tensor([s]),
+        )
+        d.update(evidence(t, stats_of([1.0, 1.0]), times=prof))
+        if s:
+            a = 0.7 if count > 0 else 0.0
+            ema = a * ema + (1 - a) * math.log(r)
+            count += 1
+            if first_fire is None and count >= 3 and ema < math.log(1e-8):
+                first_fire = (t, math.exp(ema))
+        assert d.state.ema.item() == pytest.approx(ema, rel=1e-5)
+    (f,) = d.collect(read(d), 5)
+    assert (f.step, f.value) == (first_fire[0], pytest.approx(first_fire[1], rel=1e-4))
+    assert f.source == "time:rnn" and "each step back keeps" in f.message
+
+
+def test_exploding_growth_reference_level() -> None:
+    d = Exploding(growth=100.0, growth_warmup=4, persist=2)
+    d.bind(ctx_for(1))
+    norms = [1.0, 2.0, 4.0, 0.5, float("inf"), 10.0, 300.0, 400.0, 500.0]
+    for t, n in enumerate(norms):
+        d.update(evidence(t, stats_of([n])))
+    level = math.exp(sum(math.log(x) for x in (1.0, 2.0, 4.0, 0.5)) / 4)  # the first 4 usable norms
+    assert d.state["growth_ref.count"].item() == 4
+    assert math.exp(d.state["growth_ref.sum"].item() / 4) == pytest.approx(level, rel=1e-5)
+    (f,) = [f for f in d.collect(read(d), 8) if f.source == "growth"]
+    assert (f.step, f.value) == (7, pytest.approx(400.0 / level, rel=1e-4))  # 300x, then 400x: persist 2
+
+
+# ---------------------------------------------------------------------------------- detectors
+def test_vanishing_depth_and_nonfinite_by_name() -> None:
+    ctx = ctx_for(4)
+    v, nf = Vanishing(persist=2), NonFinite()
+    v.bind(ctx)
+    nf.bind(ctx)
+    for t in range(3):
+        s = stats_of([1e-7, 1e-6, 1.0, 1.0], param_norm=[1.0, 1.0, 1.0, 1.0])
+        ev = evidence(t, s)
+        v.update(ev)
+        nf.update(ev)
+    assert set(v.readout()) == {
+        f"{c}.{k}" for c in ("depth", "zero", "ratio") for k in ("fired_step", "fired_value")
+    }
+    (f,) = v.collect(read(v), 2)
+    # early quarter = l0, late quarter = l3: RMS ratio 1e-7
+    assert (f.kind, f.source, f.step, f.layer) == ("vanishing", "depth", 1, "l0")
+    assert f.value == pytest.approx(1e-7, rel=1e-4)
+    assert nf.collect(read(nf), 2) == []
+    nf.update(evidence(3, stats_of([1.0, float("nan"), float("inf"), 1.0])))
+    (g,) = nf.collect(read(nf), 3)
+    assert (g.step, g.layers, g.message) == (
+        3, ("l2", "l1"),
+        "Non-finite gradients (NaN/Inf) at step 3 in 2 layer(s), first in backward order: l2, l1.",
+    )
+
+
+def test_state_dict_keeps_the_nested_layout_of_earlier_versions() -> None:
+    """Checkpoints written before the framework ({"depth": {"streak": ...}}) load into the new detectors."""
+    ctx = ctx_for(4)
+    a = Vanishing()
+    a.bind(ctx)
+    a.update(evidence(0, stats_of([1e-7, 1e-6, 1.0, 1.0])))
+    sd = a.state_dict()
+    assert set(sd) == {"depth", "zero", "ratio"} and set(sd["depth"]) == {"streak", "fired_step", "fired_value"}
+    b = Vanishing()
+    b.load_state_dict(sd)  # before bind, as a resumed monitor does
+    b.bind(ctx)
+    assert b.state["depth.streak"].item() == 1.0
+    e = Exploding()
+    e.bind(ctx)
+    assert set(e.state_dict()["growth_ref"]) == {"sum", "count"}
+    s = Spike()
+    s.bind(ctx)
+    s.load_state_dict({"mean": torch.tensor(0.5), "var": torch.tensor(0.1), "count": torch.tensor(30.0)})
+    assert s.state.count.item() == 30.0
