@@ -64,3 +64,20 @@ def test_remedy_example(tmp_path, scenario):
             assert "no alert" in line, line
         else:
             assert f"  {variant.expect}" in line, line  # the kinds follow the loss column
+
+
+def test_custom_trainer_uses_the_public_step_api_with_accumulation_and_resume(tmp_path):
+    out = _run("custom_trainer.py", tmp_path)
+    assert out.splitlines() == [
+        "first run: steps 0-29, alerts: [('vanishing', 2)]",
+        "resumed at step 30: steps 30-59, new alerts: []",
+        "closed: True",
+        "records: runs/custom_trainer/grads.jsonl",
+    ]
+    records = [json.loads(line) for line in (tmp_path / "runs/custom_trainer/grads.jsonl").read_text().splitlines()]
+    assert [(r["type"], r.get("step")) for r in records] == [
+        ("meta", None), ("metrics", 0), ("metrics", 10), ("alert", 2), ("metrics", 20),
+        ("meta", None), ("metrics", 30), ("metrics", 40), ("metrics", 50),
+    ]
+    assert all(r["metrics"]["loss"] > 0 for r in records if r["type"] == "metrics")
+    assert records[0]["skip"] == "device"  # fused AdamW skips a poisoned step on the device
