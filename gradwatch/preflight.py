@@ -164,22 +164,26 @@ class _RngState:
             np.random.set_state(self.numpy)
 
 
-def _is_gradwatch_hook(hook: Any) -> bool:
+def _is_torch_hook(hook: Any) -> bool:
     fn = getattr(hook, "func", hook)  # functools.partial
-    return str(getattr(fn, "__module__", "") or "").startswith("gradwatch")
+    module = str(getattr(fn, "__module__", "") or "")
+    return module == "torch" or module.startswith("torch.")
 
 
-def _strip_gradwatch_hooks(model: nn.Module) -> None:
-    """Drop the copied hooks of a monitor watching the original: they would write into its state.
+def _strip_hooks(model: nn.Module) -> None:
+    """Drop the copied module hooks that torch itself did not install.
 
-    Other hooks stay: some are part of the model (``weight_norm``'s pre-hook, for one).
+    A deep copy keeps every hook, and a hook is a function of its owner: a monitor watching the
+    original (its activation tracker, its forward-order recorder) or the user's own logging or
+    feature hook would receive the copy's forwards and change state outside the copy. Torch's own
+    hooks are part of the model (``weight_norm``'s and ``spectral_norm``'s pre-hooks) and stay.
     """
     for m in model.modules():
         for name in _HOOK_DICTS:
             hooks = getattr(m, name, None)
             if not hooks:
                 continue
-            for key in [k for k, h in hooks.items() if _is_gradwatch_hook(h)]:
+            for key in [k for k, h in hooks.items() if not _is_torch_hook(h)]:
                 del hooks[key]
                 for flag in _HOOK_FLAGS:
                     getattr(m, flag, {}).pop(key, None)
@@ -189,7 +193,7 @@ def _copy_model(model: nn.Module, shared: Mapping[int, Any]) -> tuple[nn.Module,
     """A deep copy (``memo`` maps each original object's id to its copy); ``shared`` ids map to themselves."""
     memo: dict[int, Any] = dict(shared)
     twin = copy.deepcopy(model, memo)
-    _strip_gradwatch_hooks(twin)
+    _strip_hooks(twin)
     for p in twin.parameters():
         p.grad = None
     twin.train()
