@@ -25,7 +25,7 @@ from gradwatch.activations import ActivationTracker
 from gradwatch.alerts import Alert, AlertLog
 from gradwatch.amp import AmpWatch
 from gradwatch.clip import Clipper, ClipResult, total_norm
-from gradwatch.detectors import Detector, DetectorContext, Finding, default_detectors
+from gradwatch.detectors import Detector, DetectorContext, Finding, StepEvidence, default_detectors
 from gradwatch.distributed import agree_max, fsdp1_message, is_distributed, is_rank_zero
 from gradwatch.emit import AlertChannels, warn_user
 from gradwatch.errors import NonFiniteGradientError
@@ -38,18 +38,6 @@ from gradwatch.sinks.console import Console
 from gradwatch.skip import DEVICE, HOST, DeviceSkip, drop_grads_, supports_device_skip
 from gradwatch.stats import Gathered, GradStats, StatsCollector
 from gradwatch.temporal import RECURRENT_TYPES, TimeProfile, TimeProfiler
-
-try:  # TRANSITIONAL: until the detectors package lands
-    from gradwatch.detectors import StepEvidence
-except ImportError:  # pragma: no cover
-    @dataclass
-    class StepEvidence:  # type: ignore[no-redef]
-        stats: Any
-        step: Any
-        activations: Any = None
-        times: Any = None
-        loss: Any = None
-        logging: bool = False
 
 log = logging.getLogger("gradwatch")
 
@@ -79,19 +67,6 @@ def _version() -> str:
     from gradwatch import __version__
 
     return __version__
-
-
-def _readout(d: Any) -> dict[str, Tensor]:
-    """A detector's named readout (a legacy ``pending()`` list is named by position)."""
-    if hasattr(d, "readout"):
-        return d.readout()
-    return {str(i): t for i, t in enumerate(d.pending())}
-
-
-def _collect(d: Any, values: dict[str, list[float]], step: int) -> list[Finding]:
-    if hasattr(d, "readout"):
-        return d.collect(values, step)
-    return d.collect([values[str(i)] for i in range(len(values))], step)
 
 
 def _name(obj: Any) -> str:
@@ -459,12 +434,7 @@ class GradWatch:
             loss=self._loss_tensor(loss), logging=logging_step,
         )
         for d in self.detectors:
-            if hasattr(d, "readout"):
-                d.update(ev)
-            else:  # TRANSITIONAL: legacy detector protocol
-                d.update(ev.stats, ev.step, ev.activations)
-                if ev.times is not None and hasattr(d, "update_time"):
-                    d.update_time(ev.times, ev.step)
+            d.update(ev)
         if amp_owned:
             assert self._amp is not None
             self._amp.update(stats.any_nonfinite, self._step_t)
@@ -530,8 +500,7 @@ class GradWatch:
                 post = post * inv_scale.to(post.device)
             t.clip_threshold, t.clip_coef, t.clipped_norm = clip.threshold, clip.coef, post
         if self._amp is not None:
-            amp = self._amp.metric_tensors()
-            t.amp = amp if isinstance(amp, dict) else {"scale": amp[0], "overflow_steps": amp[1]}
+            t.amp = self._amp.metric_tensors()
         if times is not None:
             t.time_log_ratio, t.time_log_decay, t.time_seen = times.log_ratio, times.log_decay, times.seen
         out = Readout(self._stats_device)
@@ -559,16 +528,16 @@ class GradWatch:
 
     def _register_watchers(self, out: Readout) -> None:
         for i, d in enumerate(self.detectors):
-            out.add_all(f"d{i}/", _readout(d))
+            out.add_all(f"d{i}/", d.readout())
         if self._amp is not None:
-            out.add_all("amp/", _readout(self._amp))
+            out.add_all("amp/", self._amp.readout())
 
     def _collect_findings(self, values: Values) -> list[Finding]:
         findings: list[Finding] = []
         for i, d in enumerate(self.detectors):
-            findings.extend(_collect(d, values.scope(f"d{i}/"), self._step))
+            findings.extend(d.collect(values.scope(f"d{i}/"), self._step))
         if self._amp is not None:
-            findings.extend(_collect(self._amp, values.scope("amp/"), self._step))
+            findings.extend(self._amp.collect(values.scope("amp/"), self._step))
         self._read_at = self._step
         return findings
 
@@ -738,8 +707,8 @@ class GradWatch:
             return
         self._amp.update(None, self._step_t)
         out = Readout(self._stats_device)
-        out.add_all("amp/", _readout(self._amp))
-        self._channels.emit(_collect(self._amp, out.read().scope("amp/"), self._step), self.history)
+        out.add_all("amp/", self._amp.readout())
+        self._channels.emit(self._amp.collect(out.read().scope("amp/"), self._step), self.history)
 
 
 def _check_loss(loss: Any) -> None:
