@@ -277,4 +277,8 @@ def remedies_for(
             )
         out.append("Add nn.BatchNorm/nn.LayerNorm before the activations to keep their inputs near 0.")
         out.append("Use Xavier init (nn.init.xavier_uniform_) so pre-activations start at unit scale.")
+    elif kind == "desync":
+        from gradwatch.desync import remedies as desync_remedies  # the cause follows the check that fired
+
+        out.extend(desync_remedies(source))
     return tuple(out)
