@@ -25,6 +25,7 @@ from gradwatch.activations import ActivationTracker
 from gradwatch.alerts import Alert, AlertLog
 from gradwatch.amp import AmpWatch
 from gradwatch.clip import Clipper, ClipResult, total_norm
+from gradwatch.desync import DesyncCheck
 from gradwatch.detectors import Detector, DetectorContext, Finding, StepEvidence, default_detectors
 from gradwatch.distributed import agree_max, fsdp1_message, is_distributed, is_rank_zero
 from gradwatch.emit import AlertChannels, warn_user
@@ -187,6 +188,7 @@ class GradWatch:
         self._time = TimeProfiler(model, device, _armed_for_logging(self)) if self.track_time else None
         self._handles: list[RemovableHandle] = []
         self._device_skip = DeviceSkip()
+        self._desync: DesyncCheck | None = None  # cross-rank replica check (bound at the first step)
         self._collector: StatsCollector | None = None
         self._step = 0
         self._skipped = 0  # host-known skips (the device count is in _skipped_t)
@@ -476,6 +478,9 @@ class GradWatch:
             )
             if device_skipped is not None:
                 report.skipped = skipped_now
+            if self._desync is not None:
+                # Every rank, every logging step (the same decision everywhere): one all_gather.
+                findings = [*findings, *self._desync.check(step)]
             report.alerts = self._channels.emit(findings, self.history)
         self._finish_step()
         self._channels.raise_if_asked(report.alerts)
@@ -634,6 +639,9 @@ class GradWatch:
         if self._order.active:
             self._layers = self._order.finish(self._layers)
         self._collector = StatsCollector(self._layers)
+        # One all_gather per logging step when the model has parameters replicated across ranks
+        # (DDP, FSDP2's unsharded ones); None in one process. detectors=None turns it off too.
+        self._desync = DesyncCheck.for_layers(self._layers) if self.detectors else None
         fsdp1 = fsdp1_message([p for x in self._layers for p in x.params])
         if fsdp1 is not None:
             self._notice(fsdp1)
