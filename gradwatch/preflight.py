@@ -48,7 +48,6 @@ from gradwatch.layers import ROOT_NAME, Layer, discover_layers, unwrap_model
 from gradwatch.monitor import GradWatch
 from gradwatch.preflight_report import LayerRow, PreflightReport
 from gradwatch.remedies import ModelFacts, inspect_model, remedies_for
-from gradwatch.temporal import RECURRENT_TYPES
 
 __all__ = ["preflight", "run_preflight"]
 
@@ -359,10 +358,10 @@ def _steps(
     clip: Clipper | None,
 ) -> tuple[_Trace, ModelFacts, GradWatch, _SignalProbe]:
     facts = inspect_model(twin)
-    recurrent = any(isinstance(m, RECURRENT_TYPES) for m in twin.modules())
+    # Recurrent modules are profiled across time by the monitor's default (track_time=None).
     monitor = GradWatch(
         twin, detectors=preflight_detectors(), clip=clip, on_nonfinite="skip", on_alert="ignore", sinks=[],
-        log_every=1, track_activations=True, track_time=recurrent,
+        log_every=1, track_activations=True,
     )
     layers = discover_layers(twin, "module")
     counted = {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else None
@@ -385,7 +384,7 @@ def _steps(
             for x in layers:
                 if any(p.grad is not None for p in x.params):
                     reached.add(x.name)
-            metrics = monitor.step().metrics or {}
+            metrics = monitor.step(loss=loss.detach(), optimizer=opt).metrics or {}
             trace.totals.append(metrics.get(schema.GRAD_NORM_TOTAL, math.nan))
             if step == 0:
                 trace.first_metrics = dict(metrics)

@@ -335,10 +335,10 @@ def test_model_that_returns_its_loss(shape):
     x, y = torch.randn(6, 3), torch.randn(6, 1)
     torch.manual_seed(0)
     model = _OwnLoss(shape)
-    expected = float(nn.functional.mse_loss(model.fc(x), y))
+    expected = float(nn.functional.mse_loss(model.fc(x), y).detach())
     assert preflight(model, {"x": x, "labels": y}).losses[0] == pytest.approx(expected)
     assert preflight(model, (x, y)).losses[0] == pytest.approx(expected)  # model(*batch) without loss_fn
-    assert preflight(model, x).losses[0] == pytest.approx(float(nn.functional.mse_loss(model.fc(x), torch.zeros(6, 1))))
+    assert preflight(model, x).losses[0] == pytest.approx(float(nn.functional.mse_loss(model.fc(x), 0 * y).detach()))
 
 
 def test_batch_conventions_with_loss_fn():
