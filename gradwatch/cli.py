@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -11,6 +10,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from gradwatch._format import fmt
+from gradwatch.errors import GradWatchWarning
 
 __all__ = ["main"]
 
@@ -47,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"run only this scenario (repeatable); one of: {', '.join(SCENARIOS)}")
     d.add_argument("--steps", type=_positive_int, metavar="N",
                    help="optimizer steps per run (default: each scenario's own budget)")
-    d.add_argument("--out", default="gradwatch-demo", metavar="DIR", help="output folder (default: gradwatch-demo)")
+    d.add_argument("--out", default="gradwatch-demo", metavar="DIR",
+                   help="output folder (default: gradwatch-demo); the demo's own files in it are replaced")
     d.add_argument("--wandb", action="store_true",
                    help="also log every run to Weights & Biases (offline unless you are logged in)")
     d.add_argument("--no-report", action="store_true", help="do not write report.html")
@@ -114,16 +117,6 @@ def _wandb_mode() -> str:
     return "offline"
 
 
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if not math.isfinite(v):
-        return str(v)
-    if v == 0:
-        return "0"
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
-
-
 def format_table(results: Sequence[Any]) -> str:
     """The demo table: scenario, variant, alerts, final loss, layer and time-step ratios, verdict."""
     head = (
@@ -138,9 +131,9 @@ def format_table(results: Sequence[Any]) -> str:
                 r.variant,
                 r.role,
                 ", ".join(r.kinds) or "none",
-                _fmt(r.final_loss),
-                _fmt(r.layer_ratio),
-                _fmt(r.time_ratio),
+                fmt(r.final_loss),
+                fmt(r.layer_ratio),
+                fmt(r.time_ratio),
                 "yes" if r.ok else f"NO (expected {r.expect or 'no alert'})",
             )
         )
@@ -151,6 +144,33 @@ def format_table(results: Sequence[Any]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_findings(results: Sequence[Any]) -> str:
+    """Under the table, per pathology: the layer, the figure and the first remedy of its alert.
+
+    The alert shown is the first of the kind the pathology is expected to raise (else its first).
+    """
+    blocks = []
+    for r in results:
+        if r.role != "pathology":
+            continue
+        head = f"{r.scenario}/{r.variant}"
+        alert = next((a for a in r.alerts if a.kind == r.expect), r.alerts[0] if r.alerts else None)
+        if alert is None:
+            blocks.append(f"{head}: no alert (expected {r.expect})")
+            continue
+        blocks.append(
+            "\n".join(
+                [
+                    f"{head}: {alert.kind} ({alert.severity}) at step {alert.step}",
+                    f"  layer:  {alert.layer if alert.layer is not None else 'whole model'}",
+                    f"  figure: {alert.message}",
+                    f"  remedy: {alert.remedies[0] if alert.remedies else 'none suggested'}",
+                ]
+            )
+        )
+    return "\n".join(blocks)
 
 
 def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -217,6 +237,9 @@ def _finish(args: argparse.Namespace, results: list[Any], out_dir: Path, out: Te
     t0 = time.perf_counter()
     train_s = sum(r.seconds for r in results)
     out.write("\n" + format_table(results) + "\n")
+    findings = format_findings(results)
+    if findings:
+        out.write("\n" + findings + "\n")
     if not args.no_report:
         try:
             from gradwatch.report import build_report
@@ -245,11 +268,18 @@ def _report(args: argparse.Namespace, out: TextIO, err: TextIO, parser: argparse
     if Path(args.output).is_dir():
         parser.error(f"-o/--output {args.output!r} is a folder; give an .html file path")
     try:
-        path = build_report(args.runs, args.output, png=args.png, title=args.title)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GradWatchWarning)
+            path = build_report(args.runs, args.output, png=args.png, title=args.title)
     except ValueError as exc:
         parser.error(str(exc))
     except ModuleNotFoundError as exc:
         parser.exit(1, f"gradwatch report: error: {exc}\n")
+    for w in caught:  # e.g. a run whose last line was cut: said plainly, not as "sys:1: GradWatchWarning"
+        if issubclass(w.category, GradWatchWarning):
+            err.write(f"gradwatch report: warning: {str(w.message).removeprefix('gradwatch: ')}\n")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     out.write(f"report: {path}\n")
     if args.png:
         out.write(f"figures: {path.with_name(path.stem + '_png')}\n")

@@ -57,11 +57,26 @@ def test_demo_prints_the_table_and_writes_runs_and_report(clipping_demo) -> None
     assert "nonfinite (" in stderr.splitlines()[0]
 
 
+def test_demo_prints_layer_figure_and_first_remedy_under_the_table(clipping_demo) -> None:
+    out, _, stdout, _ = clipping_demo
+    records = read_jsonl(out / "clipping-none.jsonl")
+    alert = next(r for r in records if r["type"] == "alert" and r["kind"] == "nonfinite")
+    assert (alert["step"], alert["layer"]) == (5, "8")
+    block = (
+        f"clipping/none: nonfinite ({alert['severity']}) at step 5\n"
+        "  layer:  8\n"
+        f"  figure: {alert['message']}\n"
+        f"  remedy: {alert['remedies'][0]}\n"
+    )
+    assert "\n\n" + block + "\nreport: " in stdout  # one block per pathology, between the table and the report line
+    assert stdout.index("as expected") < stdout.index(block)
+
+
 def test_demo_runs_are_gradwatch_jsonl_with_a_summary(clipping_demo) -> None:
     out = clipping_demo[0]
     recs = read_jsonl(out / "clipping-norm.jsonl")
     assert recs[0]["type"] == "meta" and recs[0]["clip"] == "Norm(max_norm=1, norm_type=2)"
-    assert [r["step"] for r in recs if r["type"] == "metrics"] == list(range(0, 100, 5))
+    assert [r["step"] for r in recs if r["type"] == "metrics"] == list(range(100))  # the scenario logs every step
     summary = recs[-1]
     assert summary["type"] == "summary"
     assert (summary["scenario"], summary["variant"], summary["role"], summary["steps"]) == (
@@ -147,8 +162,8 @@ def test_demo_with_wandb_offline(tmp_path: Path, monkeypatch) -> None:
     assert sorted(names) == ["clipping-agc", "clipping-none", "clipping-norm", "clipping-zscore"]
     runs = dict(zip(names, (read_run(f) for f in files)))
     for r in runs.values():
-        assert [h["gradwatch/step"] for h in r.history if "grad_norm/total" in h] == [0, 5]
-        assert r.config["gradwatch"]["log_every"] == 5
+        assert [h["gradwatch/step"] for h in r.history if "grad_norm/total" in h] == [0, 1, 2, 3, 4, 5]
+        assert r.config["gradwatch"]["log_every"] == 1  # the clipping scenario logs every step
         assert r.exit_code == 0
     none = runs["clipping-none"]
     assert [a["title"] for a in none.alerts][:1] == ["gradwatch: non-finite gradients in 8"]

@@ -166,3 +166,71 @@ def test_bad_inputs(tmp_path: Path) -> None:
         build_report([bad], tmp_path / "r.html")
     with pytest.raises(FileNotFoundError, match=r"run file .*missing.jsonl' does not exist"):
         build_report([tmp_path / "missing.jsonl"], tmp_path / "r.html")
+
+
+def _diverging_run(path: Path) -> None:
+    """A run that grows x10 per logging step for 5 steps, then holds Inf/NaN gradients (as a crash would)."""
+    sink = gw.sinks.JSONL(path)
+    sink.log_meta({"layers": ["a", "b"]})
+    for s in range(8):
+        if s < 5:
+            m = {"grad_norm/total": 10.0**s * 2, "grad_norm/a": 10.0**s, "grad_norm/b": 10.0**s, "nonfinite/total": 0.0}
+        else:
+            m = {"grad_norm/total": math.nan, "grad_norm/a": math.nan, "grad_norm/b": math.inf,
+                 "nonfinite/total": 12.0, "nonfinite/a": 4.0, "nonfinite/b": 8.0}
+        sink.log_metrics(m, s)
+    sink.close()
+
+
+def _red_pixels(png: bytes, pale: bool = False) -> int:
+    """Pixels of pure red (the non-finite cells) or, with ``pale``, of red at 15% over white (the band)."""
+    import io
+
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    rgb = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+    color = [1.0, 0.85, 0.85] if pale else [1.0, 0.0, 0.0]
+    return int(np.all(np.abs(rgb - np.array(color)) < 0.02, axis=-1).sum())
+
+
+def test_a_run_that_goes_nonfinite_shows_the_growth_and_marks_the_nonfinite_cells(tmp_path: Path) -> None:
+    from gradwatch.report import plots
+
+    path = tmp_path / "diverged.jsonl"
+    _diverging_run(path)
+    run = load_run(path)
+    layers, steps, rows = heatmap_matrix(run)
+    assert layers == ["a", "b"] and steps == list(range(8))
+    assert rows[0][:5] == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0], abs=1e-12)  # the growth, as log10
+    assert all(math.isnan(v) for v in rows[0][5:] + rows[1][5:])
+    assert plots.nonfinite_matrix(run) == [[False] * 5 + [True] * 3] * 2
+    assert plots.nonfinite_spans(run.steps, [False] * 5 + [True] * 3) == [(5, 7)]
+    assert plots.nonfinite_spans([0, 5, 10, 15, 20], [True, False, True, True, False]) == [(0, 0), (10, 15)]
+    # The marks are drawn: pure red cells in the heatmap, a red band in the total-norm plot; a finite run has none.
+    assert _red_pixels(plots.heatmap(run)) > 1000
+    assert _red_pixels(plots.total(run), pale=True) > 1000
+    finite = tmp_path / "finite.jsonl"
+    sink = gw.sinks.JSONL(finite)
+    for s in range(3):
+        sink.log_metrics({"grad_norm/total": 1.0, "grad_norm/a": 1.0}, s)
+    sink.close()
+    assert _red_pixels(plots.heatmap(load_run(finite))) == 0
+    assert _red_pixels(plots.total(load_run(finite)), pale=True) == 0
+    # Steps 5-7 are non-finite after 5 finite ones: the whole run is drawn. With 20 more non-finite
+    # steps, the view ends after as many non-finite steps as finite ones (the growth fills half of it).
+    assert plots.view_end(run) is None
+    sink = gw.sinks.JSONL(path, append=True)
+    for s in range(8, 28):
+        sink.log_metrics({"grad_norm/total": math.nan, "grad_norm/a": math.nan, "nonfinite/total": 3.0}, s)
+    sink.close()
+    assert plots.view_end(load_run(path)) == 9
+
+
+def test_report_names_runs_by_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "diverged.jsonl"
+    _diverging_run(path)
+    out = build_report([path], tmp_path / "r.html")
+    text = out.read_text(encoding="utf-8")
+    assert '<p class="muted">diverged.jsonl</p>' in text
+    assert str(tmp_path) not in text

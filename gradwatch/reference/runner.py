@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from gradwatch import schema
 from gradwatch.alerts import Alert
 from gradwatch.monitor import GradWatch
 from gradwatch.reference.scenarios import Scenario, Variant
@@ -87,7 +87,8 @@ def run_variant(
         scenario: the scenario.
         variant: one of its variants.
         steps: optimizer steps (default: the scenario's budget).
-        out_dir: where to write ``<scenario>-<variant>.jsonl`` (``None``: no file).
+        out_dir: where to write ``<scenario>-<variant>.jsonl`` (``None``: no file). The demo owns these
+            files: an earlier file of the same name is replaced.
         sinks: further sinks (e.g. W&B); alerts are never printed as warnings here.
         progress: called with ``(step + 1, steps)`` after every step.
 
@@ -107,7 +108,7 @@ def run_variant(
     path = None
     if out_dir is not None:
         path = Path(out_dir) / f"{scenario.name}-{variant.name}.jsonl"
-        all_sinks.insert(0, JSONL(path))
+        all_sinks.insert(0, JSONL(path, overwrite=True))
     monitor = GradWatch(
         model,
         clip=variant.clip() if variant.clip is not None else None,
@@ -145,11 +146,11 @@ def run_variant(
     layers = monitor.layers
     hist = list(monitor.history)
     if len(layers) >= 2:
-        first, last = f"grad_norm/{layers[0]}", f"grad_norm/{layers[-1]}"
+        first, last = schema.metric_key(schema.GRAD_NORM, layers[0]), schema.metric_key(schema.GRAD_NORM, layers[-1])
         result.layer_ratio = _median(
             [h[first] / h[last] for h in hist if h.get(last, 0) > 0 and first in h and math.isfinite(h[first])]
         )
-    times = [v for h in hist for k, v in h.items() if k.startswith("time_grad_ratio/")]
+    times = [v for h in hist for v in schema.per_layer(h, schema.TIME_GRAD_RATIO).values()]
     result.time_ratio = _median(times) if times else None
     if path is not None:
         sizes = {
@@ -162,34 +163,32 @@ def run_variant(
 
 def _append_summary(path: Path, scenario: Scenario, variant: Variant, r: RunResult, numel: dict[str, int]) -> None:
     """A ``"summary"`` record after the monitor's own: the scenario, the loss curve, the outcome."""
-    if not path.exists():
+    if not path.exists():  # not rank 0: the monitor wrote nothing
         return
-
-    def clean(v: float | None) -> float | str | None:
-        if v is None or math.isfinite(v):
-            return v
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-
-    record = {
-        "type": "summary",
-        "scenario": scenario.name,
-        "title": scenario.title,
-        "variant": variant.name,
-        "role": variant.role,
-        "expect": variant.expect,
-        "summary": variant.summary,
-        "steps": r.steps,
-        "loss": [[s, clean(v)] for s, v in r.losses],
-        "final_loss": clean(r.final_loss),
-        "layer_ratio": clean(r.layer_ratio),
-        "time_ratio": clean(r.time_ratio),
-        "alert_kinds": r.kinds,
-        "seconds": r.seconds,
-        "numel": numel,
-        "story": scenario.story,
-    }
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, allow_nan=False) + "\n")
+    sink = JSONL(path, append=True)
+    try:
+        sink.log_record(
+            {
+                "type": "summary",
+                "scenario": scenario.name,
+                "title": scenario.title,
+                "variant": variant.name,
+                "role": variant.role,
+                "expect": variant.expect,
+                "summary": variant.summary,
+                "steps": r.steps,
+                "loss": [[s, v] for s, v in r.losses],
+                "final_loss": r.final_loss,
+                "layer_ratio": r.layer_ratio,
+                "time_ratio": r.time_ratio,
+                "alert_kinds": r.kinds,
+                "seconds": r.seconds,
+                "numel": numel,
+                "story": scenario.story,
+            }
+        )
+    finally:
+        sink.close()
 
 
 def run_scenario(

@@ -3,7 +3,8 @@
 Per run: a layer x step heatmap of log10 gradient norm (layers in forward order), the classic
 gradient-flow bar chart (mean and max |g| per layer at the first, middle and last logging
 steps), the total norm over time with clip thresholds and alert markers, the temporal profile
-of recurrent layers when present, and the alerts with their remedies. With several runs,
+of recurrent layers when present, and the alerts with their remedies. Gradients that held Inf/NaN
+are marked (red cells, shaded steps), so a run that diverges shows the growth before it. With several runs,
 runs of the same scenario (or all runs, for plain JSONL files) are also shown side by side.
 
 Needs matplotlib (``pip install 'gradwatch[report]'``).
@@ -23,6 +24,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradwatch._format import fmt
 from gradwatch.report import plots
 from gradwatch.report.data import Run, load_run
 
@@ -49,8 +51,8 @@ def _slug(text: str) -> str:
 
 
 def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return fmt(v)
     return html.escape(str(v))
 
 
@@ -130,7 +132,8 @@ def build_report(
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append('<p class="muted">' + ", ".join(html.escape(str(p)) for p in runs) + "</p>")
+    # File names, not paths: the report is shared, and the folder it was built from says nothing.
+    parts.append('<p class="muted">' + ", ".join(html.escape(Path(p).name) for p in runs) + "</p>")
 
     if len(loaded) > 1:
         groups: dict[str, list[Run]] = {}

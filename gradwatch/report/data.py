@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradwatch import schema
 from gradwatch.sinks.jsonl import read_jsonl
 
 
@@ -44,10 +45,18 @@ class Run:
                 ys.append(float(m[key]))
         return xs, ys
 
-    def family(self, prefix: str) -> list[str]:
-        """Layer names that have ``prefix/<layer>`` keys, in forward order."""
-        keys = {k[len(prefix) + 1 :] for m in self.metrics for k in m if k.startswith(prefix + "/")}
-        return [x for x in self.layers if x in keys] + sorted(keys - set(self.layers) - {"total"})
+    def family(self, family: str) -> list[str]:
+        """Layer names that have ``<family>/<layer>`` keys (:mod:`gradwatch.schema`), in forward order."""
+        keys = {layer for m in self.metrics for layer in schema.per_layer(m, family)}
+        return [x for x in self.layers if x in keys] + sorted(keys - set(self.layers))
+
+    def nonfinite(self, layer: str) -> list[bool]:
+        """Per logging step: whether ``layer``'s gradient held Inf/NaN (its norm is not finite, or
+        it counted non-finite entries)."""
+        norm, count = schema.metric_key(schema.GRAD_NORM, layer), schema.metric_key(schema.NONFINITE_COUNT, layer)
+        return [
+            (norm in m and not math.isfinite(m[norm])) or m.get(count, 0.0) > 0 for m in self.metrics
+        ]
 
     @property
     def group(self) -> str:
@@ -65,15 +74,13 @@ def load_run(path: str | os.PathLike[str]) -> Run:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a gradwatch JSONL run (no ``metrics`` record, or bad JSON).
+        ValueError: the file is not a gradwatch JSONL run (no ``metrics`` record, or a line that is not
+            JSON other than one cut by a crash, see :func:`~gradwatch.sinks.read_jsonl`).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"run file {str(p)!r} does not exist")
-    try:
-        records = read_jsonl(p)
-    except ValueError as exc:
-        raise ValueError(f"{str(p)!r} is not a gradwatch JSONL run: {exc}") from exc
+    records = read_jsonl(p)  # its ValueError names the file and the line
     meta: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     by_step: dict[int, dict[str, float]] = {}
@@ -98,9 +105,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not layers:
         seen: dict[str, None] = {}
         for m in metrics:
-            for k in m:
-                if k.startswith("grad_norm/") and k != "grad_norm/total":
-                    seen.setdefault(k[len("grad_norm/") :], None)
+            seen.update(dict.fromkeys(schema.per_layer(m, schema.GRAD_NORM)))
         layers = list(seen)
     if summary:
         name = f"{summary.get('scenario', '?')} / {summary.get('variant', '?')}"

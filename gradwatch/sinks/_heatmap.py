@@ -6,6 +6,8 @@ import math
 from collections import deque
 from typing import Any
 
+from gradwatch import schema
+
 
 class NormHistory:
     """Bounded per-layer gradient-norm history of the logging steps, for the heatmap.
@@ -25,8 +27,7 @@ class NormHistory:
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         """Keep the ``grad_norm/<layer>`` values of one logging step."""
-        row = {k[len("grad_norm/"):]: v for k, v in metrics.items() if k.startswith("grad_norm/")}
-        row.pop("total", None)
+        row = schema.per_layer(metrics, schema.GRAD_NORM)
         if not row:
             return
         for name in row:

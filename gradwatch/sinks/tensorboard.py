@@ -7,6 +7,7 @@ import math
 import os
 from typing import Any
 
+from gradwatch import schema
 from gradwatch._checks import check_int
 from gradwatch.alerts import Alert
 from gradwatch.distributed import is_rank_zero
@@ -14,7 +15,7 @@ from gradwatch.sinks._text import alert_markdown
 
 ALERT_TAG = "gradwatch/alerts"
 META_TAG = "gradwatch/meta"
-HISTOGRAM_FAMILIES = ("grad_norm", "grad_to_param")
+HISTOGRAM_FAMILIES = (schema.GRAD_NORM, schema.GRAD_TO_PARAM)
 
 
 def _require_tensorboard() -> None:
@@ -126,12 +127,7 @@ class TensorBoard:
         import numpy as np  # a tensorboard dependency; the sink itself needs no torch tensor
 
         for family in HISTOGRAM_FAMILIES:
-            prefix = family + "/"
-            vals = [
-                math.log10(v)
-                for k, v in metrics.items()
-                if k.startswith(prefix) and k != prefix + "total" and math.isfinite(v) and v > 0
-            ]
+            vals = [math.log10(v) for v in schema.per_layer(metrics, family).values() if math.isfinite(v) and v > 0]
             if vals:
                 self.writer.add_histogram(f"layers/{family}_log10", np.asarray(vals, dtype=np.float64), step)
 

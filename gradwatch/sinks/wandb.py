@@ -147,6 +147,8 @@ class Wandb:
         # another logger owns the scalars (metrics=False) it also owns the axes: leave them be.
         if not self.metrics:
             return
+        # W&B globs by the key's first segment ("grad_norm/*" also covers "grad_norm/total"), which is
+        # W&B's namespace, not gradwatch's family/layer schema: hence a plain split here.
         step_prefix = self.step_key.split("/", 1)[0]
         todo = []
         for k in keys:
