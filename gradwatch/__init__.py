@@ -7,18 +7,26 @@ sinks for the console, JSONL, Weights & Biases, TensorBoard and Lightning logger
 
 import logging as _logging
 
-from gradwatch import clip, sinks
+from gradwatch import clip, schema, sinks
 from gradwatch.alerts import Alert
 from gradwatch.detectors import (
+    ActivationStats,
     Dead,
     Detector,
+    DetectorContext,
+    DeviceState,
     Exploding,
     Finding,
+    GradStats,
+    Latch,
     NonFinite,
+    Persistence,
     Saturated,
     Spike,
+    StepEvidence,
     TimeVanishing,
     Vanishing,
+    default_detectors,
 )
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
 from gradwatch.monitor import GradWatch, StepReport, watch
@@ -30,11 +38,20 @@ __version__ = "0.1.0"
 _logging.getLogger("gradwatch").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "ActivationStats",
     "Alert",
     "Dead",
     "Detector",
+    "DetectorContext",
+    "DeviceState",
     "Exploding",
     "Finding",
+    "GradStats",
+    "Latch",
+    "Persistence",
+    "StepEvidence",
+    "default_detectors",
+    "schema",
     "GradWatch",
     "GradWatchAlertError",
     "GradWatchWarning",

@@ -81,3 +81,10 @@ def test_custom_trainer_uses_the_public_step_api_with_accumulation_and_resume(tm
     ]
     assert all(r["metrics"]["loss"] > 0 for r in records if r["type"] == "metrics")
     assert records[0]["skip"] == "device"  # fused AdamW skips a poisoned step on the device
+
+
+def test_custom_detector_fires_on_its_layer_and_checkpoints_its_declared_state(tmp_path):
+    out = _run("custom_detector.py", tmp_path)
+    lines = out.splitlines()
+    assert lines[0] == "out_of_band at step 13 on 2: gradient norm of 2 is 932, outside [0.001, 10] for 2 steps"
+    assert lines[-1] == "checkpointed state of NormBand: ['fired_step', 'fired_value', 'streak']"
