@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from gradwatch import schema
 from gradwatch.alerts import Alert
 
 TITLE_MAX = 63  # W&B requires alert titles under 64 characters
 
 _KIND_PHRASE = {
-    "vanishing": "vanishing gradients",
-    "exploding": "exploding gradients",
-    "spike": "gradient spike",
-    "nonfinite": "non-finite gradients",
-    "dead": "dead units",
-    "saturated": "saturated units",
+    schema.VANISHING: "vanishing gradients",
+    schema.EXPLODING: "exploding gradients",
+    schema.SPIKE: "gradient spike",
+    schema.NONFINITE: "non-finite gradients",
+    schema.DEAD: "dead units",
+    schema.SATURATED: "saturated units",
+    schema.ACCUMULATING: "accumulating gradients",
+    schema.NO_GRADIENT: "no gradient",
+    schema.DESYNC: "ranks out of sync",
 }
 
 
