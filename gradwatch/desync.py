@@ -66,6 +66,7 @@ _SEED = 0x6D5EED  # fixed: every rank draws the same projection vectors
 _MAX_NAMES = 8  # layers named in a message before "and N more"
 
 SOURCE_GRAD = "grad"  # the gradients differ: the gradient reduction did not run
+SOURCE_UNSHARDED = "grad_unsharded"  # the same, for plain parameters beside FSDP2-managed ones
 SOURCE_PARAM = "param"  # the gradients agree but the parameters differ: the updates differed
 SOURCE_STEP = "step"  # the ranks are not at the same step
 
@@ -274,6 +275,10 @@ class DesyncCheck:
                     tracked.append(_Tracked(li, p, groups, u, v))
                 index += 1  # counts every parameter: the same index for the same parameter on every rank
         self.tracked = tracked
+        # FSDP2 manages (and reduces the gradients of) the DTensor parameters; a plain one beside them is
+        # outside every fully_shard call.
+        self.sharding = any(is_dtensor(p) for layer in layers for p in layer.params)
+        self._plain_layers = {t.layer for t in tracked if not is_dtensor(t.param)}
         first = tracked[0].param if tracked else next((p for x in layers for p in x.params), None)
         self.device = local(first).device if first is not None else torch.device("cpu")
         self.last: Comparison | None = None
@@ -377,11 +382,16 @@ class DesyncCheck:
             f"({_layers_text(names)}) differ {_ranks_text(ranks, self.world)}; largest relative difference "
             f"{worst:.2e} in layer {names[0]} (float32 tolerance {self.rtol:.1e})."
         )
-        if grads:
+        unsharded = grads and self.sharding and all(i in self._plain_layers for i in differing)
+        if unsharded:
+            tail = (
+                " These layers are outside every fully_shard call, so FSDP2 never reduces their gradients: every "
+                "rank trains its own copy of them."
+            )
+        elif grads:
             tail = (
                 " The gradients were not reduced across ranks before the step (a forward through ddp.module "
-                "instead of the DDP wrapper, a no_sync() left on, a parameter outside fully_shard), so every rank "
-                "trains its own copy of the model."
+                "instead of the DDP wrapper, or a no_sync() left on), so every rank trains its own copy of the model."
             )
         else:
             tail = (
@@ -392,7 +402,7 @@ class DesyncCheck:
         return [
             Finding(
                 kind=DESYNC,
-                source=SOURCE_GRAD if grads else SOURCE_PARAM,
+                source=SOURCE_UNSHARDED if unsharded else SOURCE_GRAD if grads else SOURCE_PARAM,
                 step=step,
                 layer=None,
                 value=float(worst),
@@ -405,7 +415,19 @@ class DesyncCheck:
 
 
 def remedies(source: str | None) -> tuple[str, ...]:
-    """Ranked remedies for a ``desync`` finding from ``source`` (``"grad"``, ``"param"``, ``"step"``)."""
+    """Ranked remedies for a ``desync`` finding from ``source``.
+
+    ``"grad"``: the gradients differ (the DDP reduction did not run); ``"grad_unsharded"``: the
+    gradients of plain parameters beside FSDP2-managed ones differ; ``"param"``: the gradients agree
+    but the parameters differ; ``"step"``: the ranks are at different steps.
+    """
+    if source == SOURCE_UNSHARDED:
+        return (
+            "Call fully_shard on the modules named in the alert, or on the root module after its children "
+            "(fully_shard(model)), so FSDP2 reduces their gradients too.",
+            "If they must stay out of FSDP2 (ignored_params), all-reduce their gradients yourself before "
+            "optimizer.step() (torch.distributed.all_reduce(p.grad, op=ReduceOp.AVG)).",
+        )
     if source == SOURCE_STEP:
         return (
             "Step the monitor once per optimizer step on every rank: if one rank skips optimizer.step() "
@@ -418,8 +440,7 @@ def remedies(source: str | None) -> tuple[str, ...]:
     )
     sync = (
         "Leave model.no_sync() only around the accumulation micro-batches: the last backward before "
-        "optimizer.step() must run outside it; under FSDP2 call fully_shard on the root module too, so no "
-        "parameter is left unreduced."
+        "optimizer.step() must run outside it."
     )
     step = (
         "Make every rank take every optimizer step: a skip decision (non-finite loss, a condition on the "
