@@ -30,6 +30,8 @@ from gradwatch.detectors import (
 )
 from gradwatch.errors import GradWatchAlertError, GradWatchWarning, NonFiniteGradientError
 from gradwatch.monitor import GradWatch, StepReport, watch
+from gradwatch.preflight import preflight
+from gradwatch.preflight_report import LayerRow, PreflightReport
 
 __version__ = "0.1.0"
 
@@ -48,7 +50,9 @@ __all__ = [
     "Finding",
     "GradStats",
     "Latch",
+    "LayerRow",
     "Persistence",
+    "PreflightReport",
     "StepEvidence",
     "default_detectors",
     "schema",
@@ -65,5 +69,6 @@ __all__ = [
     "__version__",
     "clip",
     "sinks",
+    "preflight",
     "watch",
 ]

@@ -28,10 +28,12 @@ more than one look and are decided on the steps themselves:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,12 +46,15 @@ from gradwatch.activations import _unit_dims, activation_kind
 from gradwatch.alerts import Alert
 from gradwatch.clip import Clipper
 from gradwatch.detectors import Dead, Detector, Exploding, NonFinite, Saturated, TimeVanishing, Vanishing
+from gradwatch.errors import GradWatchAlertError, warn_user
 from gradwatch.layers import ROOT_NAME, Layer, discover_layers, unwrap_model
 from gradwatch.monitor import GradWatch
 from gradwatch.preflight_report import LayerRow, PreflightReport
 from gradwatch.remedies import ModelFacts, inspect_model, remedies_for
 
-__all__ = ["preflight", "run_preflight"]
+__all__ = ["preflight", "preflight_training_step", "run_callback_preflight", "run_preflight"]
+
+log = logging.getLogger("gradwatch")
 
 # Divergence: gradient descent with a step inside its stable range lowers the loss on the batch it
 # steps on (the descent lemma: lr < 2/L); a loss that rises at *every* step on that same batch means
@@ -188,9 +193,12 @@ def _strip_hooks(model: nn.Module) -> None:
                     getattr(m, flag, {}).pop(key, None)
 
 
-def _copy_model(model: nn.Module, shared: Mapping[int, Any]) -> tuple[nn.Module, dict[int, Any]]:
-    """A deep copy (``memo`` maps each original object's id to its copy); ``shared`` ids map to themselves."""
-    memo: dict[int, Any] = dict(shared)
+def _copy_model(model: nn.Module) -> tuple[nn.Module, dict[int, Any]]:
+    """A deep copy, and the memo that maps each original object's id to its copy.
+
+    A LightningModule leaves its Trainer out of copies itself (``__getstate__``).
+    """
+    memo: dict[int, Any] = {}
     twin = copy.deepcopy(model, memo)
     _strip_hooks(twin)
     for p in twin.parameters():
@@ -322,13 +330,11 @@ def run_preflight(
     steps: int = 3,
     clip: Clipper | None = None,
     inputs: Any = None,
-    shared: Mapping[int, Any] | None = None,
 ) -> PreflightReport:
     """The pre-flight engine: ``compute_loss(copy) -> loss`` runs one forward of the model's copy.
 
-    :func:`preflight` builds ``compute_loss`` from a batch; the Lightning callback from
-    ``training_step``. ``inputs`` is only read for the input scale and batch size; objects whose
-    ids are in ``shared`` are referenced by the copy, not copied (a Trainer).
+    :func:`preflight` builds ``compute_loss`` from a batch, :func:`preflight_training_step` from a
+    LightningModule's ``training_step``. ``inputs`` is only read for the input scale and batch size.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
@@ -340,7 +346,7 @@ def run_preflight(
     t0 = time.perf_counter()
     rng = _RngState()
     try:
-        twin, memo = _copy_model(model, shared or {})
+        twin, memo = _copy_model(model)
         twin_opt = _copy_optimizer(optimizer, memo) if optimizer is not None else None
         trace, facts, monitor, probe = _steps(twin, twin_opt, compute_loss, steps, copy.deepcopy(clip))
     finally:
@@ -615,3 +621,81 @@ def preflight(
 
     return run_preflight(model, compute_loss, optimizer=optimizer, steps=steps, clip=clip,
                          inputs=(call.args, call.kwargs))
+
+
+def preflight_training_step(
+    module: nn.Module,
+    batch: Any,
+    batch_idx: int = 0,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    steps: int = 3,
+    clip: Clipper | None = None,
+) -> PreflightReport:
+    """:func:`preflight` for a LightningModule: the loss is its own ``training_step(batch, batch_idx)``.
+
+    The copy has no Trainer, so ``self.log`` in ``training_step`` logs nothing (Lightning's warning
+    about it is silenced), and a ``training_step`` that needs ``self.trainer`` or manual
+    optimization cannot run on it: that raises, as any failing forward does.
+
+    Raises:
+        ValueError: ``training_step`` returned neither a scalar loss tensor nor a dict with ``"loss"``.
+    """
+
+    def compute_loss(m: nn.Module) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "You are trying to `self.log()` but ..." on the Trainer-less copy
+            out = m.training_step(batch, batch_idx)  # type: ignore[operator]
+        loss = out.get("loss") if isinstance(out, Mapping) else out
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"pre-flight needs training_step to return the loss (a Tensor or a dict with 'loss'); "
+                             f"got {_describe(out)}")
+        return loss
+
+    return run_preflight(module, compute_loss, optimizer=optimizer, steps=steps, clip=clip, inputs=batch)
+
+
+def run_callback_preflight(
+    trainer: Any,
+    module: nn.Module,
+    batch: Any,
+    batch_idx: int,
+    *,
+    clip: Clipper | None,
+    on_alert: Any,
+    printer: Callable[[str], Any] | None,
+) -> PreflightReport | None:
+    """``GradWatchCallback(preflight=True)``: check the module on its first batch, print, apply ``on_alert``.
+
+    Runs on every rank (a model with synchronised BatchNorm needs all of them in its forward) and
+    prints on rank 0. The Trainer's only optimizer is copied along (with several, none is: their
+    steps follow the user's own schedule). A pre-flight that cannot run is a warning, never the
+    end of the fit; a finding is, with ``on_alert="raise"``.
+
+    Returns:
+        The report, or ``None`` when pre-flight could not run.
+
+    Raises:
+        GradWatchAlertError: with ``on_alert="raise"`` and a finding.
+    """
+    if not getattr(module, "automatic_optimization", True):
+        warn_user("gradwatch pre-flight skipped: it needs automatic optimization (training_step returning the loss)")
+        return None
+    optimizers = [getattr(o, "_optimizer", o) for o in getattr(trainer, "optimizers", [])]
+    optimizer = optimizers[0] if len(optimizers) == 1 else None
+    try:
+        report = preflight_training_step(module, batch, batch_idx, optimizer=optimizer, clip=clip)
+    except Exception as exc:  # the copy's failure must not end the user's fit
+        warn_user(f"gradwatch pre-flight could not run on the first batch ({type(exc).__name__}: {exc}); "
+                  "training goes on without it")
+        return None
+    if getattr(trainer, "is_global_zero", True):
+        text = str(report)
+        (printer or print)(text)
+        log.log(logging.INFO if report.ok else logging.WARNING, "%s", text)
+    if report.alerts and on_alert == "raise":
+        raise GradWatchAlertError(report.alerts[0])
+    if callable(on_alert):
+        for alert in report.alerts:
+            on_alert(alert)
+    return report

@@ -429,3 +429,79 @@ def test_transformer_and_resnet_reports_print_ok():
         text = str(report)
         assert text.splitlines()[0] == f"gradwatch pre-flight: {build.__name__}, 3 step(s) on a batch of {len(x)}: ok"
         assert "worst layers (forward order; " in text
+
+
+# ---------------------------------------------------------------------------------------------- Lightning
+def _fit(pl, module, callback, batches=6):
+    from lightning_helpers import loader, make_logger_class, trainer_kwargs
+
+    logger = make_logger_class(pl)()
+    trainer = pl.Trainer(callbacks=[callback], logger=logger, limit_train_batches=batches, **trainer_kwargs())
+    trainer.fit(module, loader())
+    return trainer, logger
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
+def test_lightning_preflight_on_the_first_batch_changes_nothing(package, capsys):
+    from lightning_helpers import make_module_class, pl_package
+
+    from gradwatch.lightning import GradWatchCallback
+
+    pl = pl_package(package)
+    runs = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        module = make_module_class(pl)(depth=10, width=32, act="sigmoid")
+        cb = GradWatchCallback(preflight=flag, log_every=1, sinks=[], on_alert="ignore")
+        _, logger = _fit(pl, module, cb)
+        runs.append((cb, logger.gradwatch_records(), [p.detach().clone() for p in module.parameters()]))
+    (plain, rec0, w0), (checked, rec1, w1) = runs
+    assert plain.preflight_report is None
+    report = checked.preflight_report
+    assert [(a.kind, a.step, a.layer) for a in report.alerts] == [("vanishing", 0, "net.0")]
+    assert report.optimizer == "SGD(lr=0.05)" and report.batch_size == 4 and len(report.losses) == 3
+    # The fit itself is exactly the fit without pre-flight: same records, same weights, bit for bit.
+    assert rec1 == rec0
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    out = capsys.readouterr().out
+    assert "gradwatch pre-flight: Net, 3 step(s) on a batch of 4 with SGD(lr=0.05): 1 finding" in out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_preflight_raise_stops_before_the_first_step():
+    from lightning_helpers import make_module_class, pl_package
+
+    from gradwatch.lightning import GradWatchCallback
+
+    pl = pl_package()
+    torch.manual_seed(0)
+    module = make_module_class(pl)(depth=10, width=32, act="sigmoid")
+    before = [p.detach().clone() for p in module.parameters()]
+    cb = GradWatchCallback(preflight=True, on_alert="raise", sinks=[])
+    with pytest.raises(gw.GradWatchAlertError, match=r"^Vanishing gradients along depth at step 0"):
+        _fit(pl, module, cb)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert cb.monitor.step_count == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_preflight_healthy_module_is_ok(capsys):
+    from lightning_helpers import make_module_class, pl_package
+
+    from gradwatch.lightning import GradWatchCallback
+
+    pl = pl_package()
+    torch.manual_seed(0)
+    cb = GradWatchCallback(preflight=True, sinks=[])
+    _fit(pl, make_module_class(pl)(), cb, batches=2)
+    assert cb.preflight_report.ok
+    assert "gradwatch pre-flight: Net, 3 step(s) on a batch of 4 with SGD(lr=0.05): ok" in capsys.readouterr().out
+
+
+def test_lightning_preflight_option_is_checked():
+    from gradwatch.lightning import GradWatchCallback
+
+    with pytest.raises(ValueError, match=r"^`preflight` must be True or False; got 1$"):
+        GradWatchCallback(preflight=1)
+    assert GradWatchCallback(preflight=True).state_key == GradWatchCallback().state_key

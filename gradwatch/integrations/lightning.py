@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from gradwatch._options import check_callback_options
+from gradwatch._options import _check_bool, check_callback_options
 from gradwatch.monitor import GradWatch, StepReport
+from gradwatch.preflight import PreflightReport, run_callback_preflight
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.console import Console
 from gradwatch.sinks.lightning_loggers import LightningLoggers, is_logger_of
@@ -101,6 +102,10 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
       ``WandbLogger``, which also gets the per-layer heatmap and the alerts table.
       A ``gw.sinks.LightningLoggers()`` in an explicit ``sinks`` list is bound to
       ``trainer.loggers`` the same way.
+    * ``preflight=True`` runs :func:`gradwatch.preflight` on the first training batch, before the
+      first step (on a copy of the module and of its first optimizer, with ``training_step`` as the
+      loss), prints the report on rank 0 and keeps it as ``preflight_report``; with
+      ``on_alert="raise"`` a finding stops the fit before it starts.
     * ``state_dict``/``load_state_dict`` carry the step, detector, clipper and alert state, so
       a Trainer resumed with ``ckpt_path`` neither re-warms nor re-alerts. ``state_key`` is built
       from the configuration.
@@ -108,6 +113,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     Attributes:
         monitor: the :class:`~gradwatch.GradWatch` of the current (or last) fit, or ``None``.
         last_report: the :class:`~gradwatch.StepReport` of the last optimizer step.
+        preflight_report: the :class:`~gradwatch.PreflightReport` of ``preflight=True``, or ``None``.
 
     Raises:
         TypeError: an unknown keyword, or ``scaler``.
@@ -123,9 +129,11 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.sinks: Sequence[Sink] | None = check_callback_options(
-            "GradWatchCallback", options, "the Trainer's precision plugin"
+            "GradWatchCallback", options, "the Trainer's precision plugin", extra=("preflight",)
         )
+        _check_bool("preflight", options.get("preflight", False))
         self.options = dict(options)
+        self.preflight_report: PreflightReport | None = None
         self.monitor: GradWatch | None = None
         self.last_report: StepReport | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -135,7 +143,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     @property
     def state_key(self) -> str:
         """Checkpoint key built from the configuration (two differently configured callbacks can share a checkpoint)."""
-        config = {k: _stable(v) for k, v in sorted(self.options.items()) if k not in ("sinks", "on_alert")}
+        config = {
+            k: _stable(v) for k, v in sorted(self.options.items()) if k not in ("sinks", "on_alert", "preflight")
+        }
         return self._generate_state_key(**config)
 
     def _build_sinks(self, trainer: Any) -> list[Sink]:
@@ -162,11 +172,19 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             previous.close()
             if self._pending_state is None:
                 self._pending_state = previous.state_dict()
-        opts = {k: v for k, v in self.options.items() if k != "sinks"}
+        opts = {k: v for k, v in self.options.items() if k not in ("sinks", "preflight")}
         self.monitor = GradWatch(pl_module, sinks=self._build_sinks(trainer), scaler=_scaler(trainer), **opts)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """With ``preflight=True``: check the model on the first training batch before its first step."""
+        if self.options.get("preflight") and self.preflight_report is None and int(trainer.global_step) == 0:
+            self.preflight_report = run_callback_preflight(
+                trainer, pl_module, batch, batch_idx, clip=self.options.get("clip"),
+                on_alert=self.options.get("on_alert", "warn"), printer=_printer(trainer),
+            )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Run one gradwatch step on the gradients the optimizer is about to apply."""
