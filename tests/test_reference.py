@@ -118,9 +118,9 @@ def test_clipped_runs_record_the_threshold(results: dict, tmp_path) -> None:
     from gradwatch.sinks.jsonl import read_jsonl
 
     recs = read_jsonl(r.jsonl)
-    assert [x["type"] for x in recs] == ["meta", "metrics", "summary"]
-    assert recs[1]["metrics"]["clip/threshold"] == 1.0
-    assert recs[2]["scenario"] == "clipping" and recs[2]["variant"] == "norm" and recs[2]["steps"] == 3
+    assert [x["type"] for x in recs] == ["meta", "metrics", "metrics", "metrics", "summary"]  # logs every step
+    assert [x["metrics"]["clip/threshold"] for x in recs[1:4]] == [1.0, 1.0, 1.0]
+    assert recs[4]["scenario"] == "clipping" and recs[4]["variant"] == "norm" and recs[4]["steps"] == 3
 
 
 def test_tasks_are_deterministic_and_shared() -> None:
