@@ -283,3 +283,29 @@ def test_read_jsonl_records_are_strict_json_objects(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as exc:
         read_jsonl(path)
     assert str(exc.value) == f"{str(path)!r} is not a gradwatch JSONL run: line 1 is not a JSON object (got [1, 2])"
+
+
+def test_under_lightning_without_a_console_the_warning_points_at_the_fit_call(tmp_path: Path) -> None:
+    from lightning_helpers import loader, make_module_class, pl_package, trainer_kwargs
+
+    from gradwatch.lightning import GradWatchCallback
+
+    pl = pl_package()
+    torch.manual_seed(0)
+    module = make_module_class(pl)(depth=10, width=32, act="sigmoid")
+    cb = GradWatchCallback(log_every=1, sinks=[JSONL(tmp_path / "gw.jsonl")], on_alert="warn")
+    trainer = pl.Trainer(callbacks=[cb], logger=False, limit_train_batches=4, **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader())  # the line the warning must name
+    fit_line = _line_of("trainer.fit(module, loader())  # the line the warning must name")
+    alerts = [str(a.message) for a in caught if issubclass(a.category, GradWatchWarning)]
+    assert alerts == [a.message for a in cb.monitor.alerts] and alerts
+    assert {(w.filename, w.lineno) for w in caught if issubclass(w.category, GradWatchWarning)} == {
+        (__file__, fit_line)
+    }
+
+
+def _line_of(text: str) -> int:
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.strip() == text)
