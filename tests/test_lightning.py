@@ -360,3 +360,27 @@ def test_ddp_two_processes_one_record_per_optimizer_step_from_rank_zero(tmp_path
     assert [r["step"] for r in records[1:]] == [0, 1, 2, 3]
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     assert [int(r["step"]) for r in rows if r.get("grad_norm/total")] == [0, 1, 2, 3]
+
+
+def test_the_training_step_loss_reaches_the_monitor(pl):
+    """The callback passes the ``training_step`` loss (last micro-batch, undivided) as ``step(loss=...)``."""
+    base = make_module_class(pl)
+
+    class Recording(base):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.losses.append((self.trainer.global_step, float(loss)))
+            return loss
+
+    torch.manual_seed(0)
+    module = Recording()
+    module.losses = []
+    cb = GradWatchCallback(log_every=2)
+    _, logger = fit(pl, module, cb, accumulate_grad_batches=2, batches=16)
+    last = {}
+    for step, value in module.losses:
+        last[step] = value  # the last micro-batch of each optimizer step
+    records = logger.gradwatch_records()
+    assert [s for s, _ in records] == [0, 2, 4, 6]
+    for step, m in records:
+        assert m["loss"] == pytest.approx(last[step], rel=1e-6), step
