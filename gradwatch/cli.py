@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Watch the gradients of PyTorch models: reference demo and offline reports.",
     )
     p.add_argument("--version", action="version", version=f"gradwatch {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{demo,report}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,report,bench}")
     sub.required = True
 
     d = sub.add_parser(
@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="the HTML file to write (default: report.html)")
     r.add_argument("--png", action="store_true", help="also write each figure as PNG into <output stem>_png/")
     r.add_argument("--title", default="gradwatch report", help="page title")
+
+    from gradwatch.bench.command import DESCRIPTION, add_arguments
+
+    add_arguments(sub.add_parser("bench", help="run the detection benchmark (faulty trainings and healthy controls)",
+                                 description=DESCRIPTION))
     return p
 
 
@@ -304,6 +309,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args, out, err)
+    if args.command == "bench":
+        from gradwatch.bench.command import run as run_bench
+
+        return run_bench(args, out, err)
     return _report(args, out, err, parser)
 
 

@@ -1,0 +1,240 @@
+"""The healthy controls: trainings that work, which must raise no alert at all.
+
+Chosen where a naive detector goes wrong: zero-initialised parameters (ViT tokens, a LoRA update),
+frozen parameters, real gradient accumulation, ``zero_grad(set_to_none=False)``, a loss trained to
+~1e-6, recurrent and attention models, plus the remedies of gradwatch's reference scenarios.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gradwatch.bench import data
+from gradwatch.bench.faulty import _attention_task, _EncoderHead, _reference
+from gradwatch.bench.loop import adam, seeded, sgd, train
+from gradwatch.bench.models import (
+    VAE,
+    Attention,
+    LoRALinear,
+    SequenceClassifier,
+    TinyTransformerLM,
+    TinyViT,
+    cnn,
+    init_,
+    mlp,
+)
+from gradwatch.bench.registry import Case, Trial, register
+
+ce = F.cross_entropy
+
+
+def _control(name: str, source: str, summary: str, **kw: object):
+    def deco(fn):  # type: ignore[no-untyped-def]
+        register(Case(name=name, source=source, summary=summary, run=fn, **kw))  # type: ignore[arg-type]
+        return fn
+
+    return deco
+
+
+@_control("control_mlp_adam", "gradwatch", "3-layer ReLU MLP (width 128), Adam lr 1e-3")
+def _mlp_adam() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(mlp([20, 128, 128, 5]), data.Sampler(x, y, 64), ce, steps=150, optimizer=adam(1e-3))
+
+
+@_control("control_mlp_sgd_momentum", "gradwatch", "3-layer ReLU MLP, SGD lr 0.1 momentum 0.9")
+def _mlp_sgd() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(mlp([20, 128, 128, 5]), data.Sampler(x, y, 64), ce, steps=150, optimizer=sgd(0.1, momentum=0.9))
+
+
+@_control("control_cnn_batchnorm", "gradwatch", "2-block CNN with BatchNorm, SGD lr 0.1 momentum 0.9")
+def _cnn_bn() -> Trial:
+    x, y = data.images()
+    seeded(0)
+    return train(cnn(batchnorm=True), data.Sampler(x, y, 32), ce, steps=80, optimizer=sgd(0.1, momentum=0.9))
+
+
+@_control("control_inputs_normalised", "gradwatch",
+          "the unnormalised-inputs MLP with inputs standardised instead (its remedy)")
+def _inputs_normalised() -> Trial:
+    x, y = data.images()
+    x = x.flatten(1)
+    x = (x - x.mean(0)) / x.std(0)
+    seeded(0)
+    return train(mlp([256, 128, 64, 4]), data.Sampler(x, y, 32), ce, steps=60, optimizer=sgd(0.01))
+
+
+def _lm_loss(out: Tensor, y: Tensor) -> Tensor:
+    return ce(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+class _LSTMLM(nn.Module):
+    def __init__(self, vocab: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 64, 2, batch_first=True)
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lstm(self.emb(x))[0])
+
+
+@_control("control_lstm_lm", "gradwatch", "2-layer LSTM language model on a Markov chain, Adam lr 3e-3")
+def _lstm_lm() -> Trial:
+    x, y = data.markov_tokens()
+    seeded(0)
+    return train(_LSTMLM(), data.Sampler(x, y, 16), _lm_loss, steps=60, optimizer=adam(3e-3))
+
+
+@_control("control_gru_short_sequences", "gradwatch", "GRU copying the first token across 10 steps (it learns)")
+def _gru_short() -> Trial:
+    x, y = data.copy_first_token(length=10)
+    seeded(0)
+    return train(SequenceClassifier("gru", 8, 32, 8), data.Sampler(x, y, 32), ce, steps=80, optimizer=adam(3e-3))
+
+
+@_control("control_transformer_lm", "gradwatch", "2-block causal pre-LN transformer LM, AdamW lr 1e-3")
+def _transformer_lm() -> Trial:
+    x, y = data.markov_tokens()
+    seeded(0)
+    return train(TinyTransformerLM(), data.Sampler(x, y, 16), _lm_loss, steps=60,
+                 optimizer=lambda ps: torch.optim.AdamW(list(ps), lr=1e-3))
+
+
+@_control("control_vit_zero_tokens", "gradwatch", "ViT with zero-initialised class token and position embeddings")
+def _vit() -> Trial:
+    x, y = data.images()
+    seeded(0)
+    return train(TinyViT(), data.Sampler(x, y, 32), ce, steps=50,
+                 optimizer=lambda ps: torch.optim.AdamW(list(ps), lr=1e-3))
+
+
+@_control("control_attention_scaled", "gradwatch", "the attention case with the 1/sqrt(d) scale and PyTorch's init")
+def _attention_scaled() -> Trial:
+    seeded(0)
+    return train(Attention(), _attention_task(), ce, steps=60, optimizer=adam(1e-3))
+
+
+def _vae_loss(out: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
+    rec, mu, logvar = out
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
+    return F.binary_cross_entropy_with_logits(rec, x.flatten(1), reduction="none").sum(1).mean() + kl
+
+
+@_control("control_vae", "gradwatch", "MLP VAE on 16x16 images (reparameterisation, KL term), Adam")
+def _vae() -> Trial:
+    x, _ = data.images()
+    seeded(0)
+    return train(VAE(), data.Sampler(x, x, 32), _vae_loss, steps=80, optimizer=adam(1e-3))
+
+
+@_control("control_logistic_regression", "gradwatch", "logistic regression (one Linear), SGD lr 0.5")
+def _logreg() -> Trial:
+    x, y = data.teacher_classes(classes=2)
+    seeded(0)
+    return train(nn.Linear(20, 2), data.Sampler(x, y, 64), ce, steps=100, optimizer=sgd(0.5))
+
+
+@_control("control_trained_to_1e-6", "gradwatch", "small MLP fitting 32 samples until the loss is ~1e-6, Adam")
+def _to_1e6() -> Trial:
+    x, y = data.teacher_regression(n=32)
+    seeded(0)
+    model = mlp([32, 128, 8], nn.Tanh)
+    return train(model, lambda i: (x, y), F.mse_loss, steps=400, optimizer=adam(3e-3))
+
+
+@_control("control_frozen_backbone", "gradwatch", "frozen encoder (requires_grad=False), head fine-tuned with Adam")
+def _frozen_backbone() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    model = _EncoderHead()
+    model.encoder.requires_grad_(False)
+    model.aux_head.requires_grad_(False)
+    return train(model, data.Sampler(x, y, 64), ce, steps=60, optimizer=adam(1e-3))
+
+
+@_control("control_unused_module_not_optimised", "gradwatch",
+          "an auxiliary head never used in forward and left out of the optimizer (kept for later)")
+def _unused_not_optimised() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(_EncoderHead(), data.Sampler(x, y, 64), ce, steps=60, optimizer=adam(1e-3),
+                 params=lambda m: [*m.encoder.parameters(), *m.head.parameters()])
+
+
+class _LoRAMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = LoRALinear(20, 64)
+        self.fc2 = LoRALinear(64, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@_control("control_lora_zero_init", "gradwatch",
+          "LoRA-style adapters on a frozen MLP: B starts at zero, so A's first gradient is exactly zero")
+def _lora() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(_LoRAMLP(), data.Sampler(x, y, 64), ce, steps=60, optimizer=adam(1e-3))
+
+
+@_control("control_gradient_accumulation", "gradwatch",
+          "real gradient accumulation: 4 backward passes (loss / 4) per optimizer step, then zero_grad")
+def _accumulation() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(mlp([20, 64, 64, 5]), data.Sampler(x, y, 16), ce, steps=50, optimizer=adam(1e-3), micro_batches=4)
+
+
+@_control("control_zero_grad_set_to_none_false", "gradwatch", "zero_grad(set_to_none=False): gradients zeroed in place")
+def _set_to_none_false() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(mlp([20, 64, 64, 5]), data.Sampler(x, y, 64), ce, steps=80, optimizer=sgd(0.05, momentum=0.9),
+                 set_to_none=False)
+
+
+@_control("control_he_relu20", "gradwatch", "the 3x-He case at 1x He (its remedy), SGD lr 0.01")
+def _he_relu20() -> Trial:
+    x, y = data.teacher_regression()
+    seeded(0)
+    model = init_(mlp([32] + [64] * 20 + [8]), "he")
+    return train(model, data.Sampler(x, y, 64), F.mse_loss, steps=60, optimizer=sgd(0.01))
+
+
+@_control("control_bf16_autocast", "gradwatch", "ReLU MLP under torch.autocast(bfloat16) on the CPU, Adam")
+def _bf16() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+
+    def forward(m: nn.Module, xb: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(xb).float()
+
+    return train(mlp([20, 128, 128, 5]), data.Sampler(x, y, 64), ce, steps=80, optimizer=adam(1e-3),
+                 forward=forward)
+
+
+_REFERENCE_REMEDIES = (
+    ("activation", "relu+he", "20-layer ReLU MLP, He init"),
+    ("activation", "leakyrelu+he", "20-layer LeakyReLU MLP, He init"),
+    ("recurrence", "lstm", "LSTM (forget-gate bias 3) copying the first token across 50 steps"),
+    ("residual", "residual", "32-layer tanh stack with x + f(x) skips"),
+    ("initialisation", "he", "20-layer ReLU MLP, He init"),
+    ("initialisation", "xavier", "20-layer tanh MLP, Xavier init"),
+    ("normalisation", "batchnorm", "20-layer sigmoid MLP with BatchNorm"),
+    ("clipping", "norm", "SGD lr 0.6 with gw.clip.Norm(1.0)"),
+    ("clipping", "agc", "SGD lr 0.6 with gw.clip.AGC(0.01)"),
+    ("clipping", "zscore", "SGD lr 0.6 with gw.clip.ZScore(max_norm=1.0)"),
+)
+
+for _sc, _v, _summary in _REFERENCE_REMEDIES:
+    register(Case(f"control_reference_{_sc}_{_v.replace('+', '_')}", "reference", _summary,
+                  (lambda s=_sc, v=_v: _reference(s, v))))
