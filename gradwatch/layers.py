@@ -176,11 +176,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def module_of(model: nn.Module, name: str) -> nn.Module:
-    """Return the submodule called ``name`` ("" is the model itself)."""
-    return model.get_submodule(name) if name else model
-
-
 def numel(layer: Layer) -> int:
     """Total number of elements in the layer's parameters."""
     return sum(p.numel() for p in layer.params)

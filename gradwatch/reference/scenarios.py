@@ -19,8 +19,6 @@ from gradwatch.clip import AGC, Clipper, Norm, ZScore
 from gradwatch.reference.models import ResidualMLP, SequenceClassifier, init_weights_, mlp
 from gradwatch.reference.tasks import Task, copy_first_token, teacher_regression
 
-ROLES = ("pathology", "remedy")
-
 
 @dataclass(frozen=True)
 class Variant:
