@@ -460,9 +460,8 @@ def _names(names: list[str], limit: int = 4) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _no_gradient(names: list[str], facts: ModelFacts, optimizer: bool) -> Alert:
+def _no_gradient(names: list[str], optimizer: bool) -> Alert:
     where = "optimised" if optimizer else "trainable"
-    own = remedies_for(schema.NO_GRADIENT, facts)
     fix = (
         f"Check that {_names(names)} {'is' if len(names) == 1 else 'are'} used in forward() on the path to the loss, "
         "and that no .detach(), torch.no_grad() or .item() cuts that path; if meant to stay fixed, freeze "
@@ -479,7 +478,7 @@ def _no_gradient(names: list[str], facts: ModelFacts, optimizer: bool) -> Alert:
             f"No gradient at step 0: {_names(names)} {'is' if len(names) == 1 else 'are'} {where} but the loss "
             f"does not reach {'it' if len(names) == 1 else 'them'} (.grad is None after backward)."
         ),
-        remedies=own or (fix,),
+        remedies=(fix,),
     )
 
 
@@ -527,7 +526,7 @@ def _report(
     by_name = {r.name: r for r in rows}
     alerts = [a for a in monitor.alerts if not _transient_zero(a, by_name, facts)]
     if trace.no_grad:
-        alerts.append(_no_gradient(trace.no_grad, facts, opt is not None))
+        alerts.append(_no_gradient(trace.no_grad, opt is not None))
     label = _optimizer_label(opt) if opt is not None else None
     if label is not None:
         div = _divergence(trace, label, facts)

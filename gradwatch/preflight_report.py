@@ -142,8 +142,8 @@ def _deviation(row: LayerRow, median_log: float) -> float:
     if f is not None and f > 0:
         d = max(d, abs(math.log10(f)) * 4)  # 1.5x off the He/Xavier scale weighs like 0.7 decades
     for frac in (row.dead, row.saturated):
-        if frac is not None:
-            d = max(d, 4 * frac)
+        if frac is not None:  # healthy ReLU layers have 30-50% of units dead on a batch: rank what is beyond
+            d = max(d, 10 * max(0.0, frac - 0.5))
     if not row.output_finite:
         d = math.inf
     return d

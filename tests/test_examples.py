@@ -88,3 +88,14 @@ def test_custom_detector_fires_on_its_layer_and_checkpoints_its_declared_state(t
     lines = out.splitlines()
     assert lines[0] == "out_of_band at step 13 on 2: gradient norm of 2 is 932, outside [0.001, 10] for 2 steps"
     assert lines[-1] == "checkpointed state of NormBand: ['fired_step', 'fired_value', 'streak']"
+
+
+def test_preflight(tmp_path):
+    out = _run("preflight.py", tmp_path).splitlines()
+    assert out[0] == "gradwatch pre-flight: Sequential, 3 step(s) on a batch of 64 with Adam(lr=0.001): 1 finding"
+    assert any(line.startswith("  [warning] vanishing: Vanishing gradients along depth at step 0: ") for line in out)
+    first_remedy = "      1. Initialise `0`, `2`, `4`, `6` (and 17 more, 21 in all) with He init"
+    assert any(line.startswith(first_remedy) for line in out)
+    assert "he_init=False: ok=False kinds=['vanishing']" in out
+    assert "gradwatch pre-flight: Sequential, 3 step(s) on a batch of 64 with Adam(lr=0.001): ok" in out
+    assert "he_init=True: ok=True kinds=[]" in out
