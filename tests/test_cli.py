@@ -114,8 +114,8 @@ def test_steps_option_and_progress_bar_on_a_terminal(tmp_path: Path) -> None:
         (["demo", "--steps", "ten"], "argument --steps: must be an integer >= 1; got 'ten'"),
         (["report"], "the following arguments are required: RUN.jsonl"),
         (["report", "missing.jsonl"], "run file 'missing.jsonl' does not exist"),
-        ([], "the following arguments are required: {demo,report}"),
-        (["train"], "argument {demo,report}: invalid choice: 'train'"),
+        ([], "the following arguments are required: {demo,report,bench}"),
+        (["train"], "argument {demo,report,bench}: invalid choice: 'train'"),
     ],
 )
 def test_bad_arguments_are_clear_errors(argv: list[str], message: str, capsys) -> None:
