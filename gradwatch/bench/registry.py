@@ -161,6 +161,13 @@ def all_cases() -> dict[str, Case]:
     return CASES
 
 
+#: Modules whose import registers cases (faulty programs first, then controls). A case that needs its own
+#: interpreter (a 2-process gloo job) registers ``Case(..., subprocess=True)`` from a module listed here.
+CASE_MODULES: list[str] = ["gradwatch.bench.faulty", "gradwatch.bench.controls"]
+
+
 def _load() -> None:
-    # Importing the case modules registers them (once).
-    from gradwatch.bench import controls, faulty  # noqa: F401
+    import importlib
+
+    for module in CASE_MODULES:
+        importlib.import_module(module)  # registers its cases once (a module is imported once)
