@@ -30,6 +30,7 @@ from gradwatch.detectors import Detector, DetectorContext, Finding, StepEvidence
 from gradwatch.distributed import agree_max, fsdp1_message, is_distributed, is_rank_zero
 from gradwatch.emit import AlertChannels, warn_user
 from gradwatch.errors import NonFiniteGradientError
+from gradwatch.evidence import Evidence
 from gradwatch.layers import ForwardOrderRecorder, Layer, discover_layers, is_compiling, numel, unwrap_model
 from gradwatch.metrics import StepTensors, decode_metrics, register_metrics
 from gradwatch.readout import Readout, Values
@@ -177,6 +178,8 @@ class GradWatch:
             self.sinks, self._alert_log, opts.on_alert, self._remedies, skip_note=opts.on_nonfinite == "skip"
         )
         self._layers: list[Layer] = discover_layers(model, opts.granularity)
+        # Evidence beyond the gradients (input scale hook armed on logging steps, update ratios, loss).
+        self._evidence = Evidence(model, self._layers, _armed_for_logging(self))
         if not self._layers:
             self._notice(f"gradwatch: {_name(model)} has no trainable parameters; the monitor will record nothing.")
         self._order = ForwardOrderRecorder(model)
@@ -351,6 +354,7 @@ class GradWatch:
                 self._tracker.remove()
             if self._time is not None:
                 self._time.remove()
+            self._evidence.remove()
             self.sinks.close()
 
     def state_dict(self) -> dict[str, Any]:
@@ -431,12 +435,14 @@ class GradWatch:
         if amp_owned:
             seen = replace(stats, nonfinite=torch.zeros_like(stats.nonfinite),
                            any_nonfinite=torch.zeros_like(stats.any_nonfinite))
+        loss_t = self._loss_tensor(loss)
         ev = StepEvidence(
             stats=seen, step=self._step_t, activations=acts, times=times,
-            loss=self._loss_tensor(loss), logging=logging_step,
+            loss=loss_t, logging=logging_step, **self._evidence.begin(self._step_t, loss_t, optimizer),
         )
         for d in self.detectors:
             d.update(ev)
+        self._evidence.end(step, logging_step)  # at logging steps: sample the weights the update will move
         if amp_owned:
             assert self._amp is not None
             self._amp.update(stats.any_nonfinite, self._step_t)
@@ -513,6 +519,7 @@ class GradWatch:
         if device_skipped is not None:
             out.add("skip/now", device_skipped)
         self._register_watchers(out)
+        out.add_all("ev/", self._evidence.readout())
         values = out.read()
         exact: list[float] | None = None
         if counts is None and not all(v == v and abs(v) != float("inf") for v in values["m/grad_norm"]):
@@ -524,6 +531,8 @@ class GradWatch:
             nonfinite_counts=exact,
         )
         m["skipped_steps"] = m["skipped_steps"] + float(self._skipped)
+        ev_values = values.scope("ev/")
+        m.update(self._evidence.absorb(ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host))
         findings = self._collect_findings(values)
         if is_rank_zero():
             self.sinks.metrics(m, stats.step)
@@ -547,7 +556,10 @@ class GradWatch:
         return findings
 
     def _remedies(self, f: Finding, typical: float | None) -> tuple[str, ...]:
-        return remedies_for(f.kind, self._facts, typical_norm=typical, source=f.source)
+        return remedies_for(
+            f.kind, self._facts, typical_norm=typical, source=f.source, evidence=self._evidence.snapshot(f.evidence),
+            layers=f.layers or ((f.layer,) if f.layer else ()), step=f.step,
+        )
 
     # ------------------------------------------------------------------ lifecycle internals
     def _check_open(self) -> None:
@@ -647,6 +659,7 @@ class GradWatch:
             self._notice(fsdp1)
         dev = self._collector.device
         self._stats_device = dev
+        self._evidence.bind(self._layers, dev)
         self._step_t = torch.tensor(float(self._step), device=dev)
         self._skipped_t = torch.zeros((), device=dev)
         act_names = self._tracker.names if self._tracker else []

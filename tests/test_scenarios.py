@@ -100,7 +100,10 @@ def test_dead_relus_are_flagged_with_leaky_relu_remedy():
     assert dead[0].message == (
         "Dead units at step 2: 100% of the units of 1 (and 3 more) output zero on every sample."
     )
-    assert dead[0].remedies[0].startswith("Replace `1`, `3`, `5`, `7` with nn.LeakyReLU(0.01) or nn.GELU")
+    # The cause is the bias init (issue 11: remedies follow the evidence): zero biases first, LeakyReLU next.
+    assert dead[0].remedies[0].startswith("Initialise the biases of `0`, `2`, `4`, `6` to zero (nn.init.zeros_")
+    assert "they start at -10, 7.1 pre-activation stds below zero" in dead[0].remedies[0]
+    assert dead[0].remedies[1].startswith("Replace `1`, `3`, `5`, `7` with nn.LeakyReLU(0.01) or nn.GELU")
     # With every ReLU dead, no gradient reaches the hidden layers either.
     assert [a.kind for a in monitor.alerts if a.kind != "dead"] == ["vanishing"]
 

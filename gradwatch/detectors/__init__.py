@@ -9,6 +9,7 @@ which is not a detector the user chooses, lives in :mod:`gradwatch.amp`.
 
 from __future__ import annotations
 
+from gradwatch.detectors.accumulating import Accumulating
 from gradwatch.detectors.activations import Dead, Saturated
 from gradwatch.detectors.base import (
     ActivationStats,
@@ -23,11 +24,14 @@ from gradwatch.detectors.base import (
     StepEvidence,
 )
 from gradwatch.detectors.depth import Exploding, Vanishing
+from gradwatch.detectors.loss import LossDivergence
+from gradwatch.detectors.no_gradient import NoGradient
 from gradwatch.detectors.nonfinite import NonFinite
 from gradwatch.detectors.spike import Spike
 from gradwatch.detectors.time import TimeVanishing
 
 __all__ = [
+    "Accumulating",
     "ActivationStats",
     "Dead",
     "Detector",
@@ -38,6 +42,8 @@ __all__ = [
     "Fired",
     "GradStats",
     "Latch",
+    "LossDivergence",
+    "NoGradient",
     "NonFinite",
     "Persistence",
     "Saturated",
@@ -51,4 +57,7 @@ __all__ = [
 
 def default_detectors() -> list[Detector]:
     """The built-in detectors with their calibrated defaults."""
-    return [NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated(), TimeVanishing()]
+    return [
+        NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated(), TimeVanishing(),
+        NoGradient(), Accumulating(), LossDivergence(),
+    ]

@@ -29,6 +29,7 @@ from gradwatch.layers import Layer
 from gradwatch.stats import GradStats
 
 if TYPE_CHECKING:
+    from gradwatch.evidence import GradSample
     from gradwatch.temporal import TimeProfile
 
 __all__ = [
@@ -106,6 +107,13 @@ class StepEvidence:
         times: the temporal profile of recurrent modules (``track_time=True``, logging steps), else ``None``.
         loss: the step's training loss as a float32 device scalar, when the loop gave one.
         logging: whether this is a logging step (a host bool).
+        optimized: bool[L], layers with a parameter in the optimizer stepping now (``None``: unknown).
+        optimizer_inert: that optimizer holds only parameters with ``requires_grad=False`` (a host bool).
+        carried: a sample of the gradients of layers whose gradient tensors are last step's objects
+            (:class:`~gradwatch.evidence.GradSample`); ``None`` when every gradient is a new tensor.
+        unreached: bool[L], probed layers (exactly zero at a logging step) that no backward reached.
+        update_ratio: float32[L], ``||dw|| / ||w||`` of the last logging step's update, on the step it
+            is measured (the next one), else ``None``.
         cache: values derived from the evidence this step, shared by detectors (see :meth:`derived`).
     """
 
@@ -115,6 +123,11 @@ class StepEvidence:
     times: TimeProfile | None = None
     loss: Tensor | None = None
     logging: bool = False
+    optimized: Tensor | None = None
+    optimizer_inert: bool = False
+    carried: GradSample | None = None
+    unreached: Tensor | None = None
+    update_ratio: Tensor | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
 
     def derived(self, key: Any, make: Callable[[], Any]) -> Any:

@@ -1,0 +1,762 @@
+"""Evidence beyond the gradients: the optimizer, the size of the last update, the input scale, the loss.
+
+The gradients say *that* training fails; these say *why*, and rank the remedies
+(:mod:`gradwatch.remedies`). Everything here follows the house rule of the per-step path: device work
+only, no host read outside logging steps.
+
+* :func:`describe_optimizer` reads the optimizer's hyper-parameters (learning rate per param group,
+  momentum or betas, weight decay) on the host, from ``param_groups``: at logging steps only, since a
+  tensor learning rate would be a host read.
+* :class:`UpdateTracker` measures the update-to-weight ratio ``||dw|| / ||w||`` per layer without a
+  copy of the model: at a logging step it keeps a fixed strided sample of each parameter tensor (at
+  most :data:`UPDATE_SAMPLE` entries, 4 KiB in float32), and at the next step, once the optimizer has
+  stepped, compares. Extra memory: at most 4 KiB per parameter tensor (a ResNet-50's 161 tensors:
+  < 0.7 MiB), whatever the model's size. The sample is an estimator: with 1024 entries its relative
+  error on a ratio is a few percent, far below the two orders of magnitude the remedies look at.
+* :class:`InputScale` records the RMS and max of the input reaching the first weight layer, with a
+  forward pre-hook armed on logging steps only.
+* :class:`GradCarry` tells whether the gradient tensors the optimizer is about to apply are the same
+  objects as last step's (host identity, no device work): a loop that zeroes with
+  ``set_to_none=True`` (the default) hands new tensors every step, so carried-over gradients are
+  impossible there. Only where the tensors are the same objects (``zero_grad(set_to_none=False)``, or
+  no ``zero_grad`` at all) it samples the gradients for the ``accumulating`` detector.
+* :class:`ReachProbe` tells, for layers whose gradient was exactly zero at a logging step, whether
+  autograd reached them at all (a post-accumulate-grad hook): a stale zero gradient (a layer the loss
+  never reaches, kept at zero by ``zero_grad(set_to_none=False)``) against an exactly zero gradient
+  that backward did compute (dead units upstream, zero weights downstream).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch.layers import Layer
+
+__all__ = [
+    "UPDATE_SAMPLE",
+    "EvidenceSnapshot",
+    "GradCarry",
+    "GradSample",
+    "GroupInfo",
+    "InputScale",
+    "OptimizerInfo",
+    "ReachProbe",
+    "UpdateTracker",
+    "describe_optimizer",
+    "optimized_layers",
+]
+
+#: Entries of each parameter tensor kept to measure the update-to-weight ratio (4 KiB in float32).
+#: The ratio is estimated from a strided sample: 1024 entries give a few percent of relative error,
+#: while the remedies compare it with thresholds two orders of magnitude apart (1e-3 healthy, 1e-1 too
+#: large).
+UPDATE_SAMPLE = 1024
+#: Entries of each gradient tensor sampled per step when gradients are carried across steps: enough
+#: for a cosine between consecutive gradients to within ~0.05 (1/sqrt(256) per tensor, averaged over
+#: the tensors), only on loops whose gradient tensors persist across steps.
+CARRY_SAMPLE = 256
+
+
+def _float(x: Any) -> float | None:
+    """A hyper-parameter as a float (a tensor is read to the host: call at logging steps only)."""
+    if x is None:
+        return None
+    if isinstance(x, Tensor):
+        return float(x.detach().reshape(-1)[0]) if x.numel() else None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One param group's hyper-parameters.
+
+    Attributes:
+        index: the group's index in ``optimizer.param_groups``.
+        lr: learning rate (``None`` when the group has none).
+        momentum: SGD/RMSprop momentum, ``None`` when the optimizer has none.
+        betas: Adam-family betas, ``None`` when the optimizer has none.
+        weight_decay: weight decay (0 when absent).
+        layers: the layers with a parameter in this group, in layer order.
+    """
+
+    index: int
+    lr: float | None
+    momentum: float | None
+    betas: tuple[float, ...] | None
+    weight_decay: float
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """The optimizer gradwatch steps with, as the host sees it at a logging step.
+
+    Attributes:
+        name: the optimizer's class name (``"SGD"``, ``"AdamW"``).
+        groups: its param groups.
+        frozen: names of parameters the optimizer holds that do not require a gradient.
+        trainable_held: number of the watched (trainable) parameters it holds.
+    """
+
+    name: str
+    groups: tuple[GroupInfo, ...]
+    frozen: tuple[str, ...] = ()
+    trainable_held: int = 0
+
+    def group_of(self, layer: str) -> GroupInfo | None:
+        """The first group holding a parameter of ``layer``."""
+        for g in self.groups:
+            if layer in g.layers:
+                return g
+        return None
+
+    def lr_of(self, layer: str | None = None) -> float | None:
+        """The learning rate of ``layer``'s group (the largest of all groups when ``layer`` is ``None``)."""
+        if layer is not None:
+            g = self.group_of(layer)
+            if g is not None:
+                return g.lr
+        lrs = [g.lr for g in self.groups if g.lr is not None]
+        return max(lrs) if lrs else None
+
+    def describe(self, layer: str | None = None) -> str:
+        """``"SGD lr 3"``, ``"Adam lr 0.001"``, with momentum where set: what a remedy quotes."""
+        lr = self.lr_of(layer)
+        text = self.name + (f" lr {lr:.3g}" if lr is not None else "")
+        g = self.group_of(layer) if layer is not None else (self.groups[0] if self.groups else None)
+        if g is not None and g.momentum:
+            text += f" momentum {g.momentum:.3g}"
+        return text
+
+    @property
+    def inert(self) -> bool:
+        """Whether it holds parameters but none that gets a gradient (only frozen ones)."""
+        return bool(self.frozen) and self.trainable_held == 0
+
+
+def describe_optimizer(
+    optimizer: torch.optim.Optimizer, layers: Sequence[Layer], model: nn.Module | None = None
+) -> OptimizerInfo:
+    """Read ``optimizer``'s hyper-parameters and which layers it updates (host; logging steps only).
+
+    Args:
+        optimizer: the optimizer.
+        layers: the watched layers (trainable parameters).
+        model: the model, to name the frozen parameters the optimizer holds.
+    """
+    layer_of = {id(p): x.name for x in layers for p in x.params}
+    groups = []
+    held = 0
+    frozen_ids: list[int] = []
+    for i, g in enumerate(optimizer.param_groups):
+        names: list[str] = []
+        for p in g["params"]:
+            name = layer_of.get(id(p))
+            if name is not None:
+                held += 1
+                if name not in names:
+                    names.append(name)
+            elif not p.requires_grad:
+                frozen_ids.append(id(p))
+        betas = g.get("betas")
+        groups.append(
+            GroupInfo(
+                index=i,
+                lr=_float(g.get("lr")),
+                momentum=_float(g.get("momentum")) if "momentum" in g else None,
+                betas=tuple(float(b) for b in betas) if isinstance(betas, (tuple, list)) else None,
+                weight_decay=_float(g.get("weight_decay")) or 0.0,
+                layers=tuple(names),
+            )
+        )
+    frozen: tuple[str, ...] = ()
+    if frozen_ids and model is not None:
+        ids = set(frozen_ids)
+        frozen = tuple(n for n, p in model.named_parameters() if id(p) in ids)
+    elif frozen_ids:
+        frozen = tuple(f"<parameter {i}>" for i in range(len(frozen_ids)))
+    return OptimizerInfo(type(optimizer).__name__, tuple(groups), frozen, held)
+
+
+def optimized_layers(optimizer: torch.optim.Optimizer, layers: Sequence[Layer]) -> tuple[bool, ...]:
+    """For each layer, whether ``optimizer`` holds one of its parameters (host; no tensor read)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return tuple(any(id(p) in held for p in x.params) for x in layers)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as 1-D (a view for contiguous tensors; DTensors by their local shard)."""
+    to_local = getattr(t, "to_local", None)
+    if callable(to_local):
+        t = to_local()
+    return t.detach().reshape(-1)
+
+
+class _Sampler:
+    """A fixed strided sample of every parameter tensor (or its gradient), with the layer of each entry."""
+
+    def __init__(self, layers: Sequence[Layer], per_tensor: int, device: torch.device) -> None:
+        self.device = device
+        self.params: list[tuple[int, nn.Parameter, int]] = []  # (layer index, param, stride)
+        counts: list[Tensor] = []
+        for i, layer in enumerate(layers):
+            for p in layer.params:
+                n = p.numel()
+                if n == 0:
+                    continue
+                stride = max(1, math.ceil(n / per_tensor))
+                k = math.ceil(n / stride)
+                self.params.append((i, p, stride))
+                counts.append(torch.full((k,), i, dtype=torch.long))
+        self.index = torch.cat(counts).to(device) if counts else torch.zeros(0, dtype=torch.long, device=device)
+        self.entries = int(self.index.numel())
+
+    def take(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """The sampled entries of ``tensors`` (one per parameter, in order), as one float32 vector."""
+        parts = []
+        for (_, p, stride), t in zip(self.params, tensors):
+            if t is None:
+                k = math.ceil(p.numel() / stride)
+                parts.append(torch.zeros(k, device=self.device))
+            else:
+                parts.append(_flat(t)[::stride].to(self.device, torch.float32))
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def weights(self) -> Tensor:
+        return self.take([p for _, p, _ in self.params])
+
+    def per_layer(self, values: Tensor, n_layers: int) -> Tensor:
+        """Sum ``values`` (one per sampled entry) into their layers."""
+        return torch.zeros(n_layers, device=self.device).index_add_(0, self.index, values)
+
+
+class UpdateTracker:
+    """The update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` per layer, on logging steps.
+
+    :meth:`snapshot` (at a logging step, before ``optimizer.step()``) keeps a strided sample of every
+    parameter tensor, at most :data:`UPDATE_SAMPLE` entries each; :meth:`measure` (at the next step,
+    after the optimizer has stepped) compares and frees the sample. A common healthy heuristic is
+    ~1e-3 per step; 1e-1 means the step replaces a tenth of the weights.
+
+    Args:
+        layers: the watched layers.
+        device: where the ratio is computed.
+        per_tensor: sampled entries per parameter tensor.
+    """
+
+    def __init__(self, layers: Sequence[Layer], device: torch.device, per_tensor: int = UPDATE_SAMPLE) -> None:
+        self.n = len(layers)
+        self._sampler = _Sampler(layers, per_tensor, device)
+        self._before: Tensor | None = None
+        self._step: int | None = None
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held between a snapshot and its measure (float32 sample + layer index)."""
+        return self._sampler.entries * (4 + 8)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a snapshot waits for its measure."""
+        return self._before is not None
+
+    def snapshot(self, step: int) -> None:
+        """Keep the sample of the weights as they are before ``step``'s optimizer step (device work only)."""
+        self._before = self._sampler.weights()
+        self._step = step
+
+    def measure(self) -> tuple[int, Tensor] | None:
+        """``(step, ratio[L])`` of the update applied since :meth:`snapshot`, or ``None`` without one.
+
+        The ratio is NaN for layers whose sampled weights were all zero (zero-initialised).
+        """
+        if self._before is None or self._step is None:
+            return None
+        after = self._sampler.weights()
+        before = self._before
+        self._before = None
+        d2 = self._sampler.per_layer((after - before).square(), self.n)
+        w2 = self._sampler.per_layer(before.square(), self.n)
+        ratio = torch.where(w2 > 0, (d2 / w2.clamp_min(1e-30)).sqrt(), torch.full_like(w2, math.nan))
+        return self._step, ratio
+
+
+class InputScale:
+    """RMS and max |x| of the input reaching ``module`` (the first weight layer), on logging steps.
+
+    A forward pre-hook, armed by ``armed()`` (the coming forward precedes a logging step), reduces the
+    first floating-point tensor among the module's inputs on the device. Integer inputs (token ids)
+    are skipped: an embedding's input has no scale.
+
+    Args:
+        module: the module whose input is measured.
+        name: its layer name (quoted by remedies).
+        device: where the figures are kept.
+        armed: whether the coming forward precedes a logging step.
+    """
+
+    def __init__(self, module: nn.Module, name: str, device: torch.device, armed: Callable[[], bool]) -> None:
+        self.name = name
+        self.device = device
+        self._armed = armed
+        self._value: Tensor | None = None
+        self._taken = False
+        self.batch_size: int | None = None  # leading dimension of the last measured input (host: a shape)
+        self._handle: RemovableHandle | None = None
+        self.retarget(module, name)
+
+    def retarget(self, module: nn.Module, name: str) -> None:
+        """Measure the input of ``module`` from now on (the first weight layer in forward order)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self.name = name
+        ref = weakref.ref(self)
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            me = ref()
+            if me is None or me._taken or not me._armed():
+                return
+            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()), None)
+            if x is None or x.numel() == 0:
+                return
+            me.batch_size = int(x.shape[0]) if x.dim() >= 2 else None
+            with torch.no_grad():
+                xf = x.detach().to(torch.float32)
+                me._value = torch.stack([xf.square().mean().sqrt(), xf.abs().amax()]).to(me.device)
+            me._taken = True
+
+        self._handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def take(self) -> Tensor | None:
+        """float32[2] (RMS, max |x|) recorded since the last take, or ``None``."""
+        v, self._value, self._taken = self._value, None, False
+        return v
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+@dataclass
+class GradSample:
+    """A strided sample of this step's gradients, for layers whose gradient tensors persist across steps.
+
+    Attributes:
+        values: float32[k], the sampled entries (zeros for parameters without a gradient).
+        layer: long[k], the layer index of each entry (the same every step).
+        carried: bool[L], layers whose every gradient tensor is last step's object.
+    """
+
+    values: Tensor
+    layer: Tensor
+    carried: Tensor
+
+
+class GradCarry:
+    """Which layers' gradient tensors are last step's objects, and then a sample of the gradients.
+
+    A loop that zeroes with ``set_to_none=True`` (the default of ``zero_grad`` since torch 2.0) hands
+    the optimizer new gradient tensors every step: nothing can be carried over, and :meth:`observe`
+    answers ``None`` after one identity check per parameter on the host. Where some layers' tensors
+    persist (``set_to_none=False``, or no ``zero_grad`` for that optimizer) it returns a strided sample
+    of the gradients (:data:`CARRY_SAMPLE` entries per tensor) for
+    :class:`~gradwatch.detectors.accumulating.Accumulating`.
+
+    Args:
+        layers: the watched layers.
+        device: where the sample goes.
+        per_tensor: sampled entries per gradient tensor.
+    """
+
+    def __init__(self, layers: Sequence[Layer], device: torch.device, per_tensor: int = CARRY_SAMPLE) -> None:
+        self.n = len(layers)
+        self._sampler = _Sampler(layers, per_tensor, device)
+        self._refs: list[weakref.ref[Tensor] | None] = []
+        self._masks: dict[tuple[bool, ...], Tensor] = {}
+
+    def observe(self) -> GradSample | None:
+        """The sample when some layer's gradients are last step's tensors, else ``None``."""
+        params = self._sampler.params
+        grads = [p.grad for _, p, _ in params]
+        refs = self._refs
+        carried = [False] * self.n
+        if len(refs) == len(grads):
+            fresh = [False] * self.n
+            for (i, _, _), r, g in zip(params, refs, grads):
+                if g is None:
+                    continue
+                if r is not None and r() is g:
+                    carried[i] = True
+                else:
+                    fresh[i] = True
+            carried = [c and not f for c, f in zip(carried, fresh)]
+        self._refs = [weakref.ref(g) if g is not None else None for g in grads]
+        if not any(carried):
+            return None
+        key = tuple(carried)
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) >= 16:
+                self._masks.clear()
+            mask = self._masks[key] = torch.tensor(key, dtype=torch.bool, device=self._sampler.device)
+        return GradSample(self._sampler.take(grads), self._sampler.index, mask)
+
+
+class ReachProbe:
+    """Whether autograd reached the parameters of chosen layers during the last backward.
+
+    :meth:`watch` puts a post-accumulate-grad hook on the parameters of the given layers (those whose
+    gradient was exactly zero at a logging step: few, and only then); each backward that accumulates a
+    gradient into one of them marks its layer reached. :meth:`unreached` is read (host) once per step
+    and resets the marks. Layers not watched are never called unreached.
+    """
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self._layers = layers
+        self._handles: dict[int, list[RemovableHandle]] = {}
+        self._reached: set[int] = set()
+
+    @property
+    def watched(self) -> tuple[int, ...]:
+        """Indices of the probed layers."""
+        return tuple(sorted(self._handles))
+
+    def watch(self, indices: Sequence[int]) -> None:
+        """Probe the layers at ``indices`` (already probed ones are kept)."""
+        for i in indices:
+            if i in self._handles:
+                continue
+            hooks = []
+            for p in self._layers[i].params:
+                if hasattr(p, "register_post_accumulate_grad_hook"):
+                    hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._reached.add(i)))
+            self._handles[i] = hooks
+
+    def unwatch(self, indices: Sequence[int]) -> None:
+        """Stop probing ``indices``."""
+        for i in indices:
+            for h in self._handles.pop(i, []):
+                h.remove()
+
+    def unreached(self) -> tuple[int, ...]:
+        """Probed layers that no backward reached since the last call (then the marks are reset)."""
+        out = tuple(i for i in sorted(self._handles) if i not in self._reached)
+        self._reached = set()
+        return out
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        self.unwatch(list(self._handles))
+
+
+@dataclass(frozen=True)
+class EvidenceSnapshot:
+    """What the remedies know beyond the architecture, on the host, when an alert is worded.
+
+    Attributes:
+        optimizer: the optimizer's hyper-parameters, when gradwatch knows the optimizer.
+        update_ratio: the last measured ``||dw|| / ||w||`` per layer (NaN-free).
+        update_step: the step whose update ``update_ratio`` measured.
+        input_rms: RMS of the input reaching the first weight layer at the last logging step.
+        input_max: its max |x|.
+        input_layer: that layer's name.
+        loss_start: mean loss over the first steps seen (``None`` without a loss).
+        loss_last: the loss at the last step seen.
+        loss_best: the lowest loss EMA seen.
+        loss_stalled: steps since the loss EMA last improved by 1%.
+        loss_jump: the largest loss over its running mean (EMA) at one step since the previous logging step.
+        loss_jump_step: the step of that jump.
+        batch_size: samples in the batch reaching the first weight layer at the last logging step.
+        finding: the named figures of the finding being worded (``Finding.evidence``).
+    """
+
+    optimizer: OptimizerInfo | None = None
+    update_ratio: dict[str, float] = field(default_factory=dict)
+    update_step: int | None = None
+    input_rms: float | None = None
+    input_max: float | None = None
+    input_layer: str | None = None
+    loss_start: float | None = None
+    loss_last: float | None = None
+    loss_best: float | None = None
+    loss_stalled: int | None = None
+    loss_jump: float | None = None
+    loss_jump_step: int | None = None
+    batch_size: int | None = None
+    finding: dict[str, float] = field(default_factory=dict)
+
+    def largest_update(self, among: Sequence[str] | None = None) -> tuple[str, float] | None:
+        """The layer with the largest update ratio (among ``among`` when given) and its ratio."""
+        items = [(k, v) for k, v in self.update_ratio.items() if among is None or k in among]
+        items = [(k, v) for k, v in items if math.isfinite(v)]
+        return max(items, key=lambda kv: kv[1]) if items else None
+
+
+# Loss tracking for the remedies' wording: the first steps' mean (what "started at" means), an EMA
+# (alpha 0.9: a ~10-step memory, so one batch neither makes nor hides a trend) and its best value.
+_LOSS_START_STEPS = 10
+_LOSS_ALPHA = 0.9
+_LOSS_IMPROVED = 0.99  # the EMA improved when it fell below 99% of its best (1%: above batch noise of an EMA)
+
+
+class LossTrack:
+    """Device-side summary of the loss for the remedies: start, last, best EMA, steps since it improved."""
+
+    def __init__(self, device: torch.device) -> None:
+        z = torch.zeros((), device=device)
+        self.count, self.start_sum, self.ema, self.best, self.since, self.last = (z.clone() for _ in range(6))
+        self.jump, self.jump_step = z.clone(), z.clone() - 1
+        self.seen = False
+
+    def update(self, loss: Tensor, step: Tensor) -> None:
+        """Fold one step's loss (float32 device scalar) in (device only)."""
+        self.seen = True
+        ok = torch.isfinite(loss)
+        first = self.count == 0
+        # The loss over its running mean before this step: how extreme this step's batch was.
+        jump = torch.where(first | (self.ema <= 0), torch.zeros_like(loss), loss / self.ema.clamp_min(1e-30))
+        bigger = ok & (jump > self.jump)
+        self.jump = torch.where(bigger, jump, self.jump)
+        self.jump_step = torch.where(bigger, step, self.jump_step)
+        in_start = self.count < _LOSS_START_STEPS
+        self.start_sum = torch.where(ok & in_start, self.start_sum + loss, self.start_sum)
+        ema = torch.where(first, loss, _LOSS_ALPHA * self.ema + (1 - _LOSS_ALPHA) * loss)
+        self.ema = torch.where(ok, ema, self.ema)
+        better = ok & (first | (self.ema < _LOSS_IMPROVED * self.best))
+        self.best = torch.where(better, self.ema, self.best)
+        self.since = torch.where(better, torch.zeros_like(self.since), self.since + 1)
+        self.last = loss
+        self.count = self.count + ok.to(self.count.dtype)
+
+    def readout(self) -> dict[str, Tensor]:
+        start = self.start_sum / self.count.clamp(min=1, max=_LOSS_START_STEPS)
+        return {"loss/start": start, "loss/last": self.last, "loss/best": self.best, "loss/since": self.since,
+                "loss/count": self.count, "loss/jump": self.jump, "loss/jump_step": self.jump_step}
+
+    def clear_jump(self) -> None:
+        """Forget the largest jump (after a read)."""
+        self.jump = torch.zeros_like(self.jump)
+        self.jump_step = torch.full_like(self.jump_step, -1.0)
+
+
+class Evidence:
+    """The monitor's one handle on the evidence beyond gradients.
+
+    Per step (:meth:`begin`, device work only): the update of the last logging step is measured, the
+    gradient tensors' identity is checked (carried over or new), the reach probes are read, the loss is
+    folded in. At logging steps :meth:`readout` names the tensors for the one transfer, :meth:`absorb`
+    turns the read values into metrics and remembers them for :meth:`snapshot`, and :meth:`end` takes the
+    weight sample whose change the next step measures.
+
+    Args:
+        model: the watched model.
+        layers: the watched layers (registration order until :meth:`bind`).
+        armed: whether the coming forward precedes a logging step.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[Layer], armed: Callable[[], bool]) -> None:
+        self.model = model
+        self._armed = armed
+        self.layers: list[Layer] = list(layers)
+        modules = dict(model.named_modules())
+        first = next((x for x in self.layers if x.is_weight_layer), None)
+        first_p = next((p for x in self.layers for p in x.params), None)
+        device = first_p.device if first_p is not None else torch.device("cpu")
+        self.input: InputScale | None = None
+        if first is not None and first.module_name in modules:
+            self.input = InputScale(modules[first.module_name], first.name, device, armed)
+        self.device = device
+        self.updates: UpdateTracker | None = None
+        self.carry: GradCarry | None = None
+        self.probe: ReachProbe | None = None
+        self.loss: LossTrack | None = None
+        self._ratio: tuple[int, Tensor] | None = None  # measured, waiting for the next readout
+        self._input: Tensor | None = None
+        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._optimized: tuple[int, Tensor | None] | None = None  # (id of optimizer, bool[L] mask)
+        self._unreached_key: tuple[int, ...] = ()
+        self._unreached: Tensor | None = None
+        self._last = EvidenceSnapshot()
+
+    def bind(self, layers: Sequence[Layer], device: torch.device) -> None:
+        """The layers in forward order and the statistics' device (at the monitor's first step)."""
+        self.layers = list(layers)
+        self.device = device
+        self.updates = UpdateTracker(self.layers, device)
+        self.carry = GradCarry(self.layers, device)
+        self.probe = ReachProbe(self.layers)
+        self.loss = LossTrack(device)
+        first = next((x for x in self.layers if x.is_weight_layer), None)
+        modules = dict(self.model.named_modules())
+        retarget = self.input is not None and first is not None and first.name != self.input.name
+        if retarget and first.module_name in modules:  # type: ignore[union-attr]
+            self.input.retarget(modules[first.module_name], first.name)  # type: ignore[union-attr]
+
+    def begin(
+        self, step: Tensor, loss: Tensor | None, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        """This step's evidence, as :class:`~gradwatch.detectors.StepEvidence` fields (device work only)."""
+        assert self.updates is not None and self.carry is not None and self.probe is not None
+        measured = self.updates.measure()
+        if measured is not None:
+            self._ratio = measured
+        if self.input is not None:
+            x = self.input.take()
+            if x is not None:
+                self._input = x
+        carried = self.carry.observe()
+        if loss is not None and self.loss is not None:
+            self.loss.update(loss, step)
+        if optimizer is not None:
+            self._optimizer = weakref.ref(optimizer)
+        unreached = self.probe.unreached() if self.probe.watched else ()
+        return {
+            "optimized": self._optimized_mask(optimizer),
+            "optimizer_inert": self._inert(optimizer),
+            "carried": carried,
+            "unreached": self._unreached_mask(unreached),
+            "update_ratio": measured[1] if measured is not None else None,
+        }
+
+    def end(self, step: int, logging: bool) -> None:
+        """After the detectors: at a logging step, sample the weights the coming optimizer step changes."""
+        if logging and self.updates is not None:
+            self.updates.snapshot(step)
+
+    def _optimized_mask(self, optimizer: torch.optim.Optimizer | None) -> Tensor | None:
+        if optimizer is None:
+            opt = self._optimizer() if self._optimizer is not None else None
+            if opt is None:
+                return None
+            optimizer = opt
+        key = id(optimizer)
+        if self._optimized is None or self._optimized[0] != key:
+            flags = optimized_layers(optimizer, self.layers)
+            mask = torch.tensor(flags, dtype=torch.bool, device=self.device) if flags else None
+            self._optimized = (key, mask)
+        return self._optimized[1]
+
+    def _inert(self, optimizer: torch.optim.Optimizer | None) -> bool:
+        if optimizer is None:
+            return False
+        cached = getattr(self, "_inert_cache", None)
+        if cached is not None and cached[0] == id(optimizer):
+            return cached[1]
+        held = {id(p) for x in self.layers for p in x.params}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        inert = bool(params) and not any(id(p) in held for p in params) and all(not p.requires_grad for p in params)
+        self._inert_cache = (id(optimizer), inert)
+        return inert
+
+    def _unreached_mask(self, unreached: tuple[int, ...]) -> Tensor | None:
+        if not unreached:
+            return None
+        if unreached != self._unreached_key or self._unreached is None:
+            mask = torch.zeros(len(self.layers), dtype=torch.bool)
+            mask[list(unreached)] = True
+            self._unreached = mask.to(self.device)
+            self._unreached_key = unreached
+        return self._unreached
+
+    # ------------------------------------------------------------------ logging steps
+    def readout(self) -> dict[str, Tensor]:
+        """Named 1-D tensors for the logging step's one transfer."""
+        out: dict[str, Tensor] = {}
+        if self._ratio is not None:
+            out["update/ratio"] = self._ratio[1]
+        if self._input is not None:
+            out["input"] = self._input
+        if self.loss is not None and self.loss.seen:
+            out.update(self.loss.readout())
+        return {k: v.reshape(-1).to(torch.float32) for k, v in out.items()}
+
+    def absorb(
+        self, values: dict[str, list[float]], grad_norm: Sequence[float] | None = None,
+        present: Sequence[bool] | None = None,
+    ) -> dict[str, float]:
+        """Take the read-back values: remember them for the remedies, return the metrics they give.
+
+        Args:
+            values: what :meth:`readout` named, read back.
+            grad_norm: this logging step's per-layer gradient norms (host), to probe exactly-zero layers.
+            present: which layers had a gradient this step.
+        """
+        m: dict[str, float] = {}
+        ratio: dict[str, float] = {}
+        update_step = self._last.update_step
+        if "update/ratio" in values and self._ratio is not None:
+            update_step = self._ratio[0]
+            for x, r in zip(self.layers, values["update/ratio"]):
+                if math.isfinite(r):
+                    ratio[x.name] = r
+                    m[f"update_ratio/{x.name}"] = r
+            self._ratio = None
+        input_rms = self._last.input_rms
+        input_max = self._last.input_max
+        if "input" in values:
+            input_rms, input_max = values["input"][0], values["input"][1]
+            self._input = None
+            m["input/rms"] = input_rms
+        loss = {}
+        if "loss/count" in values and values["loss/count"][0] > 0:
+            loss = {
+                "loss_start": values["loss/start"][0], "loss_last": values["loss/last"][0],
+                "loss_best": values["loss/best"][0], "loss_stalled": int(values["loss/since"][0]),
+            }
+            if values["loss/jump_step"][0] >= 0:
+                loss["loss_jump"], loss["loss_jump_step"] = values["loss/jump"][0], int(values["loss/jump_step"][0])
+            if self.loss is not None:
+                self.loss.clear_jump()
+        if grad_norm is not None and self.probe is not None:
+            zero = [i for i, g in enumerate(grad_norm) if g == 0.0 and (present is None or present[i])]
+            self.probe.unwatch([i for i in self.probe.watched if i not in zero])
+            self.probe.watch(zero)
+        opt = self._optimizer() if self._optimizer is not None else None
+        info = describe_optimizer(opt, self.layers, self.model) if opt is not None else self._last.optimizer
+        if info is not None:
+            for g in info.groups:
+                if g.lr is not None:
+                    m[f"lr/{g.index}"] = g.lr
+        last = self._last
+        self._last = EvidenceSnapshot(
+            optimizer=info,
+            update_ratio=ratio or last.update_ratio,
+            update_step=update_step,
+            input_rms=input_rms,
+            input_max=input_max,
+            input_layer=self.input.name if self.input is not None else None,
+            loss_start=loss.get("loss_start", last.loss_start),
+            loss_last=loss.get("loss_last", last.loss_last),
+            loss_best=loss.get("loss_best", last.loss_best),
+            loss_stalled=loss.get("loss_stalled", last.loss_stalled),  # type: ignore[arg-type]
+            loss_jump=loss.get("loss_jump"),
+            loss_jump_step=loss.get("loss_jump_step"),  # type: ignore[arg-type]
+            batch_size=self.input.batch_size if self.input is not None else None,
+        )
+        return m
+
+    def snapshot(self, finding_evidence: Sequence[tuple[str, float]] = ()) -> EvidenceSnapshot:
+        """The evidence as of the last logging step, with a finding's own figures."""
+        if not finding_evidence:
+            return self._last
+        return EvidenceSnapshot(**{**self._last.__dict__, "finding": dict(finding_evidence)})
+
+    def remove(self) -> None:
+        """Remove every hook (input scale, reach probes)."""
+        if self.input is not None:
+            self.input.remove()
+        if self.probe is not None:
+            self.probe.remove()
