@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from gradwatch._checks import check_int
-from gradwatch.detectors.base import Detector, DetectorContext, Fired, Persistence
+from typing import Any
 
-__all__ = ["PersistentChecks", "fmt"]
+import torch
+from torch import Tensor
+
+from gradwatch._checks import check_int
+from gradwatch.detectors.base import (
+    Detector,
+    DetectorContext,
+    Fired,
+    Persistence,
+    StepEvidence,
+    Window,
+    stacked,
+    window_steps,
+)
+
+__all__ = ["WindowedChecks", "fmt"]
 
 
 def fmt(x: float) -> str:
@@ -13,11 +27,13 @@ def fmt(x: float) -> str:
     return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
 
 
-class PersistentChecks(Detector):
-    """Several conditions, each per layer or model-wide, each with a :class:`Persistence`.
+class WindowedChecks(Detector):
+    """Several conditions, each per layer or model-wide, all with the same persistence, folded per window.
 
-    Subclasses list ``sources`` as ``(name, per_layer)`` and call :meth:`fired_by_source` in
-    ``collect``.
+    ``update`` only records the step (no device op); :meth:`fold` evaluates every condition on
+    every recorded step at once and advances one stacked :class:`Persistence` (entries of all
+    checks side by side, ``sources`` order). Subclasses list ``sources`` as ``(name, per_layer)``,
+    implement :meth:`conditions` and read :meth:`fired_by_source` in ``collect``.
     """
 
     sources: tuple[tuple[str, bool], ...] = ()
@@ -25,15 +41,63 @@ class PersistentChecks(Detector):
     def __init__(self, persist: int) -> None:
         super().__init__()
         self.persist = check_int("persist", persist, 1)
-        self.checks: dict[str, Persistence] = {}
+        self.slices: dict[str, slice] = {}
+        self.window = Window()
+        self._param_norm: Tensor | None = None  # the last weight norms known (logging steps bring them)
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         n = len(ctx.layers)
-        self.checks = {
-            name: Persistence(self.state, name, n if per_layer else 1, self.persist) for name, per_layer in self.sources
-        }
+        start = 0
+        for name, per_layer in self.sources:
+            width = n if per_layer else 1
+            self.slices[name] = slice(start, start + width)
+            start += width
+        self.checks = Persistence(self.state, "checks", start, self.persist)
+        self.window = Window()
+        self._param_norm = None
+        self._unknown = torch.full((n,), float("nan"), device=ctx.device)  # weight norms before any are known
+
+    def update(self, ev: StepEvidence) -> None:
+        if self.window.add(ev):
+            self.fold()
+
+    def fold(self) -> None:
+        """Evaluate the recorded steps and advance the persistence (device only)."""
+        rows = self.window.take()
+        if not rows:
+            return
+        pns = []
+        for ev in rows:
+            if ev.stats.param_norm is not None:
+                self._param_norm = ev.stats.param_norm
+            pns.append(self._param_norm if self._param_norm is not None else self._unknown)
+        by_row = dict(zip(map(id, rows), pns))
+        ctx = self.ctx
+        assert ctx is not None
+        param_norm = stacked(rows, "param_norm", lambda ev: by_row[id(ev)])
+        conds, values = self.conditions(rows, param_norm)
+        cond = torch.cat([c.reshape(len(rows), -1) for c in conds], 1)
+        value = torch.cat([v.reshape(len(rows), -1).to(torch.float32) for v in values], 1)
+        self.checks.update_window(cond, value, window_steps(rows, ctx.device))
+
+    def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per source (``sources`` order): bool ``[T, width]`` conditions and ``[T, width]`` values."""
+        raise NotImplementedError
+
+    def readout(self) -> dict[str, Tensor]:
+        self.fold()
+        return super().readout()
+
+    def state_dict(self) -> dict[str, Any]:
+        self.fold()
+        return super().state_dict()
 
     def fired_by_source(self, values: dict[str, list[float]]) -> dict[str, list[Fired]]:
-        """The fired entries of each check (and free the latches)."""
-        return {name: check.fired(values) for name, check in self.checks.items()}
+        """The fired entries of each check, indexed within the check (and free the latch)."""
+        out: dict[str, list[Fired]] = {name: [] for name in self.slices}
+        for f in self.checks.fired(values):
+            for name, sl in self.slices.items():
+                if sl.start <= f.index < sl.stop:
+                    out[name].append(f._replace(index=f.index - sl.start))
+        return out

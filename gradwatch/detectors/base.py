@@ -43,6 +43,9 @@ __all__ = [
     "Latch",
     "Persistence",
     "StepEvidence",
+    "Window",
+    "stacked",
+    "window_steps",
 ]
 
 TINY = 1e-30  # floor before a log or a division: far below any gradient statistic that means something
@@ -447,9 +450,92 @@ class Persistence:
             take = take | immediate
         return self.latch.update(take, step, value=value)
 
+    def update_window(self, cond: Tensor, value: Tensor, steps: Tensor, immediate: Tensor | None = None) -> None:
+        """:meth:`update` for ``T`` consecutive steps at once, vectorised over them (device only).
+
+        The streak of each entry at row ``t`` is the number of rows since its condition last failed
+        (plus the streak carried in when it has not failed in the window); the first row whose
+        streak reaches ``persist`` (or whose ``immediate`` is set) is latched, as ``T`` calls of
+        :meth:`update` would.
+
+        Args:
+            cond: bool[T, n], oldest step first.
+            value: [T, n] figures to report.
+            steps: float32[T], the rows' step numbers.
+            immediate: bool[T, n] or ``None``.
+        """
+        t = torch.arange(cond.shape[0], device=cond.device, dtype=torch.float32).unsqueeze(1)
+        last_false = torch.where(cond, -1.0, t).cummax(0).values  # -1: held on every row so far
+        streak = t - last_false + (last_false < 0) * self.streak
+        fire = streak >= self.persist
+        if immediate is not None:
+            fire = fire | immediate
+        first = fire.to(torch.uint8).argmax(0)  # the first row that fires (0 when none does)
+        at = first.unsqueeze(0)
+        self.latch.update(fire.any(0), steps[first], value=value.gather(0, at).squeeze(0))
+        self._state[f"{self.name}.streak"] = streak[-1]
+
     def fired(self, values: Mapping[str, list[float]]) -> list[Fired]:
         """See :meth:`Latch.fired`."""
         return self.latch.fired(values)
+
+
+class Window:
+    """The evidence of the steps since the last fold, held by reference: recording a step costs no device op.
+
+    Every finding is read at a logging step, so a check need not run on the step it looks at: a
+    detector may :meth:`add` each step's evidence and fold the whole window at once, vectorised
+    over its steps, in :meth:`Detector.readout` (or earlier, when the window is full, still
+    without a host read). Each tensor op costs a kernel launch on a GPU and microseconds of
+    dispatch on a CPU; folded, ``T`` steps cost what one step costs.
+
+    Args:
+        capacity: steps after which :meth:`add` asks for a fold (bounds the evidence kept alive).
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self.rows: list[StepEvidence] = []
+
+    def add(self, ev: StepEvidence) -> bool:
+        """Keep ``ev``; ``True`` when the window is full and should be folded now."""
+        self.rows.append(ev)
+        return len(self.rows) >= self.capacity
+
+    def take(self) -> list[StepEvidence]:
+        """The rows kept so far (oldest first), and start a new window."""
+        rows, self.rows = self.rows, []
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def stacked(rows: Sequence[StepEvidence], name: str, get: Callable[[StepEvidence], Tensor]) -> Tensor:
+    """``torch.stack([get(ev) for ev in rows])``, computed once for every detector folding these rows.
+
+    Rows whose ``get`` is the very same tensor object (the present-mask, the last weight norms)
+    are not stacked: the result is then that tensor with a leading dimension of 1, which
+    broadcasts against the ``[T, ...]`` stacks.
+    """
+
+    def make() -> Tensor:
+        items = [get(ev) for ev in rows]
+        if all(x is items[0] for x in items):
+            return items[0].unsqueeze(0)
+        return torch.stack(items)
+
+    return rows[-1].derived(("window", name, id(rows[0]), len(rows)), make)
+
+
+def window_steps(rows: Sequence[StepEvidence], device: torch.device) -> Tensor:
+    """float32[T]: the rows' step numbers on ``device`` (from the host; no device read)."""
+
+    def make() -> Tensor:
+        host = torch.tensor([float(ev.stats.step) for ev in rows], dtype=torch.float32)
+        return host.to(device, non_blocking=True)
+
+    return rows[-1].derived(("window", "steps", id(rows[0]), len(rows)), make)
 
 
 class Detector:

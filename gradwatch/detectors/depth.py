@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import PersistentChecks, fmt
-from gradwatch.detectors.base import TINY, DetectorContext, Finding, StepEvidence
+from gradwatch.detectors._common import WindowedChecks, fmt
+from gradwatch.detectors.base import TINY, DetectorContext, Finding, StepEvidence, stacked
 
 __all__ = ["Exploding", "Vanishing"]
 
@@ -28,19 +28,21 @@ __all__ = ["Exploding", "Vanishing"]
 _ZERO_WEIGHT_RMS = 1e-6
 
 
-def relative_to_weights(ev: StepEvidence, param_norm: Tensor, numel: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient-to-weight norm ratio per layer and where it is meaningful (computed once per step)."""
-    stats = ev.stats
+def relative_to_weights(
+    rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, param_norm: Tensor, numel: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradient-to-weight norm ratio per step and layer ``[T, L]`` and where it is meaningful.
+
+    Computed once per window for every detector that asks (Vanishing and Exploding both do).
+    """
 
     def make() -> tuple[Tensor, Tensor]:
         # A non-finite weight norm (weights already overflowed) would give a ratio of 0: not vanishing.
-        valid = stats.present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt()) & torch.isfinite(param_norm)
-        ratio = stats.grad_norm / param_norm.clamp_min(TINY)
+        valid = present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt()) & torch.isfinite(param_norm)
+        ratio = grad_sq.sqrt() / param_norm.clamp_min(TINY)
         return ratio, valid
 
-    # Keyed by identity: both tensors stay alive (held by the detectors and the context) while the
-    # evidence lives, so an id cannot be reused within the cache's lifetime.
-    return ev.derived(("relative", id(param_norm), id(numel)), make)
+    return rows[-1].derived(("window", "relative", id(rows[0]), len(rows), id(numel)), make)
 
 
 class DepthProfile:
@@ -63,24 +65,35 @@ class DepthProfile:
         self.first_layer = w[0] if w else 0
         self._key = ("depth", tuple(w[:k]), tuple(w[-k:]))
 
-    def log_ratio(self, ev: StepEvidence, numel: Tensor) -> tuple[Tensor, Tensor]:
-        """log(early RMS / late RMS) and whether both groups had usable layers (computed once per step)."""
-        return ev.derived((*self._key, id(numel)), lambda: self._log_ratio(ev, numel))
+    def log_ratio(
+        self, rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, numel: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per step ``[T]``: log(early RMS / late RMS) and whether both groups had usable layers."""
+        key = ("window", *self._key, id(rows[0]), len(rows), id(numel))
+        return rows[-1].derived(key, lambda: self._log_ratio(grad_sq, present, numel))
 
-    def _log_ratio(self, ev: StepEvidence, numel: Tensor) -> tuple[Tensor, Tensor]:
-        stats = ev.stats
-        rms = stats.grad_norm / numel.sqrt()
-        usable = stats.present & (rms > 0) & torch.isfinite(rms)
-        logs = torch.where(usable, rms.clamp_min(TINY).log(), torch.zeros_like(rms))
+    def _log_ratio(self, grad_sq: Tensor, present: Tensor, numel: Tensor) -> tuple[Tensor, Tensor]:
+        rms = grad_sq.sqrt() / numel.sqrt()
+        usable = present & (rms > 0) & torch.isfinite(rms)
+        logs = torch.where(usable, rms.clamp_min(TINY).log(), 0.0)
         e = self.early & usable
         l_ = self.late & usable
-        ne, nl = e.sum(), l_.sum()
-        mean_e = (logs * e).sum() / ne.clamp_min(1)
-        mean_l = (logs * l_).sum() / nl.clamp_min(1)
-        return (mean_e - mean_l).reshape(1), ((ne > 0) & (nl > 0)).reshape(1)
+        ne, nl = e.sum(1), l_.sum(1)
+        mean_e = (logs * e).sum(1) / ne.clamp_min(1)
+        mean_l = (logs * l_).sum(1) / nl.clamp_min(1)
+        return mean_e - mean_l, (ne > 0) & (nl > 0)
 
 
-class Vanishing(PersistentChecks):
+def window_stats(rows: list[StepEvidence]) -> tuple[Tensor, Tensor, Tensor]:
+    """The window's per-layer squared norms ``[T, L]``, present-masks ``[T or 1, L]`` and total norms ``[T]``."""
+    return (
+        stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq),
+        stacked(rows, "present", lambda ev: ev.stats.present),
+        stacked(rows, "total_norm", lambda ev: ev.stats.total_norm),
+    )
+
+
+class Vanishing(WindowedChecks):
     """Gradients too small to train the early layers.
 
     Three checks, each of which must hold for ``persist`` consecutive steps:
@@ -106,7 +119,6 @@ class Vanishing(PersistentChecks):
         super().__init__(persist)
         self.depth_ratio = check_range("depth_ratio", depth_ratio, 0.0, 1.0)
         self.min_ratio = check_range("min_ratio", min_ratio, 0.0, 1.0)
-        self._param_norm: Tensor | None = None
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
@@ -115,21 +127,20 @@ class Vanishing(PersistentChecks):
         self._weight[ctx.weight_layers] = True
         self.state.bind(ctx.device)
 
-    def update(self, ev: StepEvidence) -> None:
+    def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
-        stats = ev.stats
-        if stats.param_norm is not None:
-            self._param_norm = stats.param_norm
+        grad_sq, present, _ = window_stats(rows)
+        numel = self.ctx.numel
         if self._profile.enabled:
-            log_r, ok = self._profile.log_ratio(ev, self.ctx.numel)
-            cond = ok & (log_r < math.log(self.depth_ratio))
-            self.checks["depth"].update(cond, log_r.exp(), ev.step)
-        zero = stats.present & self._weight & (stats.grad_norm == 0)
-        self.checks["zero"].update(zero, stats.grad_norm, ev.step)
-        if self._param_norm is not None:
-            ratio, valid = relative_to_weights(ev, self._param_norm, self.ctx.numel)
-            cond = valid & self._weight & (ratio < self.min_ratio) & (stats.grad_norm > 0)
-            self.checks["ratio"].update(cond, ratio, ev.step)
+            log_r, ok = self._profile.log_ratio(rows, grad_sq, present, numel)
+            depth = (ok & (log_r < math.log(self.depth_ratio)), log_r.exp())
+        else:
+            none = torch.zeros(len(rows), dtype=torch.bool, device=grad_sq.device)
+            depth = (none, none.to(torch.float32))
+        zero = present & self._weight & (grad_sq == 0)
+        ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
+        low = valid & self._weight & (ratio < self.min_ratio) & (grad_sq > 0)
+        return [depth[0], zero, low], [depth[1], grad_sq, ratio]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
@@ -176,7 +187,7 @@ class Vanishing(PersistentChecks):
         return out
 
 
-class Exploding(PersistentChecks):
+class Exploding(WindowedChecks):
     """Gradients large enough to destroy the weights they update.
 
     Checks (each must hold for ``persist`` consecutive steps):
@@ -220,8 +231,6 @@ class Exploding(PersistentChecks):
         if self.growth <= 1:
             raise ValueError(f"`growth` must be > 1; got {growth!r}")
         self.growth_warmup = check_int("growth_warmup", growth_warmup, 1)
-        self._param_norm: Tensor | None = None
-        self._weight_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
@@ -231,51 +240,45 @@ class Exploding(PersistentChecks):
         self.state.add_state("growth_ref.count", lambda dev: torch.zeros((), device=dev))
         self.state.bind(ctx.device)
 
-    def _update_growth(self, total: Tensor, step: Tensor) -> None:
+    def _growth(self, total: Tensor) -> tuple[Tensor, Tensor]:
+        """Per step: whether the total norm is ``growth`` times its early level, and by how much.
+
+        The early level is the geometric mean of the first ``growth_warmup`` usable total norms;
+        the window's steps are folded at once: before step ``t`` the level has counted
+        ``min(count0 + usable steps before t, growth_warmup)`` norms (``count0`` once it is full).
+        """
         st = self.state
         ref_sum, ref_count = st["growth_ref.sum"], st["growth_ref.count"]
         usable = torch.isfinite(total) & (total > 0)
         x = total.clamp_min(TINY).log()
-        ready = ref_count >= self.growth_warmup
-        excess = x - ref_sum / ref_count.clamp_min(1)
-        cond = (usable & ready & (excess > math.log(self.growth))).reshape(1)
-        self.checks["growth"].update(cond, excess.exp().reshape(1), step)
-        learn = usable & ~ready
-        st["growth_ref.sum"] = torch.where(learn, ref_sum + x, ref_sum)
-        st["growth_ref.count"] = ref_count + learn.to(ref_count.dtype)
+        u = usable.to(torch.float32)
+        count = torch.maximum(ref_count, (ref_count + (u.cumsum(0) - u)).clamp_max(self.growth_warmup))
+        learn = usable & (count < self.growth_warmup)
+        xl = torch.where(learn, x, 0.0)
+        level_sum = ref_sum + (xl.cumsum(0) - xl)
+        excess = x - level_sum / count.clamp_min(1)
+        cond = usable & (count >= self.growth_warmup) & (excess > math.log(self.growth))
+        st["growth_ref.sum"] = ref_sum + xl.sum()
+        st["growth_ref.count"] = count[-1] + learn[-1].to(torch.float32)
+        return cond, excess.exp()
 
-    def update(self, ev: StepEvidence) -> None:
+    def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
-        stats = ev.stats
-        if stats.param_norm is not None:
-            self._param_norm = stats.param_norm
-        finite = torch.isfinite(stats.total_norm).reshape(1)
-        self._update_growth(stats.total_norm, ev.step)
+        grad_sq, present, total = window_stats(rows)
+        numel = self.ctx.numel
+        grow, grow_value = self._growth(total)
         if self._profile.enabled:
-            log_r, ok = self._profile.log_ratio(ev, self.ctx.numel)
-            cond = ok & (log_r > math.log(self.depth_ratio))
-            self.checks["depth"].update(cond, log_r.exp(), ev.step)
-        if self._param_norm is not None:
-            ratio, valid = relative_to_weights(ev, self._param_norm, self.ctx.numel)
-            cond = valid & (ratio > self.max_ratio) & torch.isfinite(ratio)
-            self.checks["ratio"].update(cond, ratio, ev.step)
-            pn_safe, pn_pos = self._weight_total(stats.present)
-            total = (stats.total_norm / pn_safe).reshape(1)
-            cond = finite & pn_pos & (total > self.max_ratio)
-            self.checks["total"].update(cond, total, ev.step)
-
-    def _weight_total(self, present: Tensor) -> tuple[Tensor, Tensor]:
-        """Total weight norm over the present layers (floored) and whether it is > 0.
-
-        Weight norms change only at logging steps and the present-mask only when the set of
-        gradients does, so this is cached on the identity of both (the cache holds them alive).
-        """
-        c = self._weight_cache
-        if c is None or c[0] is not self._param_norm or c[1] is not present:
-            assert self._param_norm is not None
-            pn = (self._param_norm * present).square().sum().sqrt()
-            c = self._weight_cache = (self._param_norm, present, pn.clamp_min(TINY), (pn > 0).reshape(1))
-        return c[2], c[3]
+            log_r, ok = self._profile.log_ratio(rows, grad_sq, present, numel)
+            depth = (ok & (log_r > math.log(self.depth_ratio)), log_r.exp())
+        else:
+            depth = (torch.zeros_like(grow), torch.zeros_like(grow_value))
+        ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
+        high = valid & (ratio > self.max_ratio) & torch.isfinite(ratio)
+        # Total weight norm over the present layers; NaN (no weight norm known yet) fails the test.
+        pn = (param_norm * present).square().sum(1).sqrt()
+        whole = total / pn.clamp_min(TINY)
+        over = torch.isfinite(total) & (pn > 0) & (whole > self.max_ratio)
+        return [depth[0], high, over, grow], [depth[1], ratio, whole, grow_value]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None

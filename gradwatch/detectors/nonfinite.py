@@ -2,24 +2,62 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from gradwatch.detectors.base import Detector, DetectorContext, Finding, Latch, StepEvidence
+import torch
+from torch import Tensor
+
+from gradwatch.detectors.base import (
+    Detector,
+    DetectorContext,
+    Finding,
+    Latch,
+    StepEvidence,
+    Window,
+    stacked,
+    window_steps,
+)
 
 __all__ = ["NonFinite"]
 
 
 class NonFinite(Detector):
-    """NaN or Inf in any gradient; reports the layers, in backward order (where they appear first)."""
+    """NaN or Inf in any gradient; reports the layers, in backward order (where they appear first).
+
+    Steps are recorded as they come (no device op) and folded at the next read: the first
+    non-finite step of the window is latched with its layers.
+    """
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         # One model-wide entry; the layers that were non-finite at that step ride along as a vector.
         self.latch = Latch(self.state, "nonfinite", 1, values={"layers": len(ctx.layers)})
+        self.window = Window()
         self.state.bind(ctx.device)
 
     def update(self, ev: StepEvidence) -> None:
-        self.latch.update(ev.stats.any_nonfinite, ev.step, layers=ev.stats.nonfinite.to(torch.float32))
+        if self.window.add(ev):
+            self.fold()
+
+    def fold(self) -> None:
+        """Latch the first non-finite step of the recorded window (device only)."""
+        rows = self.window.take()
+        if not rows:
+            return
+        assert self.ctx is not None
+        bad = stacked(rows, "any_nonfinite", lambda ev: ev.stats.any_nonfinite)
+        first = bad.reshape(-1).to(torch.uint8).argmax()
+        flags = stacked(rows, "nonfinite", lambda ev: ev.stats.nonfinite)
+        layers = flags[first] if flags.shape[0] == len(rows) else flags[0]
+        self.latch.update(bad.any(), window_steps(rows, self.ctx.device)[first], layers=layers.to(torch.float32))
+
+    def readout(self) -> dict[str, Tensor]:
+        self.fold()
+        return super().readout()
+
+    def state_dict(self) -> dict[str, Any]:
+        self.fold()
+        return super().state_dict()
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None

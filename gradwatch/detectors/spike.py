@@ -7,25 +7,35 @@ the first 50 steps of an ordinary Adam run (measured on CPU, torch 2.13; see doc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
 from gradwatch.detectors._common import fmt
-from gradwatch.detectors.base import TINY, Detector, DetectorContext, Finding, Latch, StepEvidence
+from gradwatch.detectors.base import Detector, DetectorContext, Finding, StepEvidence
 
 __all__ = ["Spike"]
+
+_TINY = 1e-30
+_CHUNK = 64  # steps whose norms are stacked into one device tensor while no read comes
 
 
 class Spike(Detector):
     """A sudden jump of the total gradient norm against its own recent history.
 
-    Keeps an EMA of the log total norm and of its variance on the device. After ``warmup``
-    steps, a step is a spike when its log-norm is more than ``z_thresh`` standard deviations
-    above the mean *and* the norm is more than ``min_factor`` times the running geometric mean.
-    Defaults (6 sigma, 10x) sit well above healthy fluctuation (2-3x, z up to ~4 early in an Adam
-    run) and match large-run practice (6 sigma, OLMo-core). Spikes do not enter the EMA at full
-    size (the update is winsorised at 3 sigma), so one spike does not hide the next.
+    Keeps an EMA of the log total norm and of its variance. After ``warmup`` steps, a step is a
+    spike when its log-norm is more than ``z_thresh`` standard deviations above the mean *and*
+    the norm is more than ``min_factor`` times the running geometric mean. Defaults (6 sigma, 10x)
+    sit well above healthy fluctuation (2-3x, z up to ~4 early in an Adam run) and match
+    large-run practice (6 sigma, OLMo-core). Spikes do not enter the EMA at full size (the update
+    is winsorised at 3 sigma), so one spike does not hide the next.
+
+    The recursion is sequential and nonlinear (the winsorisation), so it cannot be vectorised
+    over steps: the total norms of the steps between two reads travel to the host in the logging
+    step's one transfer, and the recursion runs there, in float64 (microseconds; on the device it
+    would cost a dozen kernel launches per step).
 
     Args:
         alpha: EMA decay per step (0.95 is a ~20-step memory).
@@ -42,55 +52,86 @@ class Spike(Detector):
         if self.min_factor <= 1:
             raise ValueError(f"`min_factor` must be > 1; got {min_factor!r}")
         self.warmup = check_int("warmup", warmup, 1)
+        self.mean = self.var = self.count = 0.0  # of the log total norm (host floats)
+        self._fired: tuple[int, float, float] | None = None  # (step, factor, typical) not yet reported
+        self._norms: list[Tensor] = []  # 0-d device tensors of the steps not read yet
+        self._chunks: list[Tensor] = []  # their stacks, _CHUNK steps each
+        self._steps: list[int] = []
+        self._read_steps: list[int] = []
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
-        for name in ("mean", "var", "count"):  # of the log total norm
-            self.state.add_state(name, lambda dev: torch.zeros((), device=dev))
-        self.latch = Latch(self.state, "spike", 1)
-        self.state.bind(ctx.device)
-        self._alpha = torch.tensor(self.alpha, device=ctx.device)
+        self._norms, self._chunks, self._steps = [], [], []
 
     def update(self, ev: StepEvidence) -> None:
-        st = self.state
-        mean, var, count = st.mean, st.var, st.count
-        n = ev.stats.total_norm
-        usable = torch.isfinite(n) & (n > 0)
-        x = n.clamp_min(TINY).log()
-        # 0.1 in log units (10%) floors the spread so a very steady norm does not make noise a spike.
-        std = (var + 0.01).sqrt()
-        excess = x - mean
-        warm = count >= self.warmup
-        spike = usable & warm & (excess > self.z_thresh * std) & (excess > math.log(self.min_factor))
-        self.latch.update(spike, ev.step, value=excess.exp().reshape(1))
-        # Running mean: cumulative average during warm-up, EMA after; winsorised at 3 sigma.
-        a = torch.where(warm, self._alpha, count / (count + 1))
-        xw = torch.where(warm, torch.minimum(x, mean + 3 * std), x)
-        new_mean = a * mean + (1 - a) * xw
-        new_var = a * var + (1 - a) * (xw - mean) * (xw - new_mean)
-        st.mean = torch.where(usable, new_mean, mean)
-        st.var = torch.where(usable, new_var.clamp_min(0), var)
-        st.count = count + usable.to(count.dtype)
+        self._norms.append(ev.stats.total_norm)
+        self._steps.append(int(ev.stats.step))
+        if len(self._norms) >= _CHUNK:  # bounds the tensors kept alive between two reads
+            self._chunks.append(torch.stack(self._norms))
+            self._norms = []
 
-    def readout(self) -> dict[str, torch.Tensor]:
-        return {**super().readout(), "typical": self.state.mean.exp().reshape(1)}
+    def readout(self) -> dict[str, Tensor]:
+        parts = [*self._chunks, torch.stack(self._norms)] if self._norms else list(self._chunks)
+        self._norms, self._chunks = [], []
+        self._read_steps, self._steps = self._read_steps + self._steps, []
+        if not parts:
+            return {}
+        return {"norms": parts[0] if len(parts) == 1 else torch.cat(parts)}
+
+    def fold(self, norms: list[float], steps: list[int]) -> None:
+        """Run the recursion over host norms (oldest first); latch the first spike not reported yet."""
+        mean, var, count = self.mean, self.var, self.count
+        for n, s in zip(norms, steps):
+            if not (math.isfinite(n) and n > 0):
+                continue  # a non-finite or zero norm leaves the statistics alone
+            x = math.log(max(n, _TINY))
+            # 0.1 in log units (10%) floors the spread so a very steady norm does not make noise a spike.
+            std = math.sqrt(var + 0.01)
+            excess = x - mean
+            warm = count >= self.warmup
+            if warm and excess > self.z_thresh * std and excess > math.log(self.min_factor) and self._fired is None:
+                self._fired = (s, math.exp(excess), math.exp(mean))
+            # Running mean: cumulative average during warm-up, EMA after; winsorised at 3 sigma.
+            a = self.alpha if warm else count / (count + 1)
+            xw = min(x, mean + 3 * std) if warm else x
+            new_mean = a * mean + (1 - a) * xw
+            var = max(a * var + (1 - a) * (xw - mean) * (xw - new_mean), 0.0)
+            mean = new_mean
+            count += 1
+        self.mean, self.var, self.count = mean, var, count
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
-        out = []
-        for f in self.latch.fired(values):
-            typical = values["typical"][0]
-            out.append(
-                Finding(
-                    "spike",
-                    "total",
-                    f.step,
-                    None,
-                    f.value,
-                    self.min_factor,
-                    "warning",
-                    f"Gradient spike at step {f.step}: the total norm jumped to {fmt(f.value)}x its running mean "
-                    f"({fmt(f.value * typical)} vs {fmt(typical)}).",
-                    evidence=(("typical_norm", typical),),
-                )
+        self.fold(values.get("norms", []), self._read_steps)
+        self._read_steps = []
+        if self._fired is None:
+            return []
+        s, v, typical = self._fired
+        self._fired = None
+        return [
+            Finding(
+                "spike",
+                "total",
+                s,
+                None,
+                v,
+                self.min_factor,
+                "warning",
+                f"Gradient spike at step {s}: the total norm jumped to {fmt(v)}x its running mean "
+                f"({fmt(v * typical)} vs {fmt(typical)}).",
+                evidence=(("typical_norm", typical),),
             )
-        return out
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics as float64 tensors. Steps not read yet are folded first (one host read:
+        checkpoints are rare and copy to the host anyway)."""
+        pending = self.readout()
+        if pending:
+            self.fold(pending["norms"].tolist(), self._read_steps)
+            self._read_steps = []
+        return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in ("mean", "var", "count")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("mean", "var", "count"):
+            if k in state:
+                setattr(self, k, float(state[k]))
