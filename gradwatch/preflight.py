@@ -15,14 +15,16 @@ values, the profile across time) are set by the architecture and the init, which
 do not change. So the copy's detectors run with ``persist=1`` (``TimeVanishing`` with
 ``warmup=1``): a condition is reported on the step it is first seen, step 0 for every pathology of
 the reference scenarios. Their thresholds keep their margin to healthy models (1e-4 against ~1e-2
-for the depth profile, and so on): only the repetition requirement is dropped. Two cases need
+for the depth profile, and so on): only the repetition requirement is dropped. Three cases need
 more than one look and are decided on the steps themselves:
 
 * an exactly zero gradient on a layer whose weights are not zero, while a zero-initialised layer of
   the model does receive a gradient: that layer blocks the path until its first update (LoRA's
   ``B = 0``, zero-init residual branches and heads) -- a transient, not reported;
 * divergence, which needs steps: with ``optimizer=``, a loss on the (same) pre-flight batch that
-  rises at every step to at least twice its first value while the gradient norm grows.
+  rises at every step to at least twice its first value while the gradient norm grows;
+* a layer the loss never reaches: ``NoGradient`` with a window of all the steps (a layer used on
+  some batches only is not reported after one).
 """
 
 from __future__ import annotations
@@ -45,7 +47,16 @@ from gradwatch import schema
 from gradwatch.activations import _unit_dims, activation_kind
 from gradwatch.alerts import Alert
 from gradwatch.clip import Clipper
-from gradwatch.detectors import Dead, Detector, Exploding, NonFinite, Saturated, TimeVanishing, Vanishing
+from gradwatch.detectors import (
+    Dead,
+    Detector,
+    Exploding,
+    NoGradient,
+    NonFinite,
+    Saturated,
+    TimeVanishing,
+    Vanishing,
+)
 from gradwatch.errors import GradWatchAlertError, warn_user
 from gradwatch.layers import ROOT_NAME, Layer, discover_layers, unwrap_model
 from gradwatch.monitor import GradWatch
@@ -67,13 +78,15 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
-def preflight_detectors() -> list[Detector]:
+def preflight_detectors(steps: int) -> list[Detector]:
     """The detectors pre-flight runs on the copy: the defaults' thresholds, reported on first sight.
 
-    No ``Spike``: a spike is a jump against a history, which the first steps do not have.
+    ``NoGradient`` needs a layer to get no gradient at every one of the ``steps`` (a layer used on
+    some batches only is not "never reached"). No ``Spike``: a spike is a jump against a history,
+    which the first steps do not have.
     """
     return [NonFinite(), Vanishing(persist=1), Exploding(persist=1), Dead(persist=1), Saturated(persist=1),
-            TimeVanishing(warmup=1)]
+            TimeVanishing(warmup=1), NoGradient(window=steps)]
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -314,7 +327,6 @@ class _Trace:
     first_metrics: dict[str, float]
     time_ratio: dict[str, float]
     update_ratio: dict[str, float]
-    no_grad: list[str]  # layers whose counted parameters got no gradient at any step
     init: dict[str, tuple[float, float, str]]  # weight std, He/Xavier std, scheme: read before any update
 
 
@@ -366,16 +378,14 @@ def _steps(
     facts = inspect_model(twin)
     # Recurrent modules are profiled across time by the monitor's default (track_time=None).
     monitor = GradWatch(
-        twin, detectors=preflight_detectors(), clip=clip, on_nonfinite="skip", on_alert="ignore", sinks=[],
+        twin, detectors=preflight_detectors(steps), clip=clip, on_nonfinite="skip", on_alert="ignore", sinks=[],
         log_every=1, track_activations=True,
     )
     layers = discover_layers(twin, "module")
-    counted = {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else None
-    reached: set[str] = set()
     probe = _SignalProbe(twin)
     modules = {(name or ROOT_NAME): m for name, m in twin.named_modules()}
     init = {name: s for name, m in modules.items() if (s := _init_scale(m, facts)) is not None}
-    trace = _Trace([], [], {}, {}, {}, [], init)
+    trace = _Trace([], [], {}, {}, {}, init)
     try:
         for step in range(steps):
             probe.armed = step == 0
@@ -387,9 +397,6 @@ def _steps(
                 )
             loss.backward()
             trace.losses.append(float(loss.detach()))
-            for x in layers:
-                if any(p.grad is not None for p in x.params):
-                    reached.add(x.name)
             metrics = monitor.step(loss=loss.detach(), optimizer=opt).metrics or {}
             trace.totals.append(metrics.get(schema.GRAD_NORM_TOTAL, math.nan))
             if step == 0:
@@ -407,10 +414,6 @@ def _steps(
                             trace.update_ratio[name] = float((after[name] - w0).norm()) / n0
             for p in twin.parameters():
                 p.grad = None
-        trace.no_grad = [
-            x.name for x in layers
-            if x.name not in reached and (counted is None or any(id(p) in counted for p in x.params))
-        ]
     finally:
         probe.remove()
         monitor.close()
@@ -453,33 +456,6 @@ def _transient_zero(alert: Alert, rows: dict[str, LayerRow], facts: ModelFacts) 
     if alert.kind != schema.VANISHING or row is None or row.grad_norm != 0.0 or alert.layer in facts.zero_init:
         return False
     return any((rows[z].grad_norm or 0.0) > 0 for z in facts.zero_init if z in rows)
-
-
-def _names(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
-    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _no_gradient(names: list[str], optimizer: bool) -> Alert:
-    where = "optimised" if optimizer else "trainable"
-    fix = (
-        f"Check that {_names(names)} {'is' if len(names) == 1 else 'are'} used in forward() on the path to the loss, "
-        "and that no .detach(), torch.no_grad() or .item() cuts that path; if meant to stay fixed, freeze "
-        "it with requires_grad_(False) (and leave it out of the optimizer)."
-    )
-    return Alert(
-        kind=schema.NO_GRADIENT,
-        step=0,
-        layer=names[0],
-        value=float(len(names)),
-        threshold=0.0,
-        severity="warning",
-        message=(
-            f"No gradient at step 0: {_names(names)} {'is' if len(names) == 1 else 'are'} {where} but the loss "
-            f"does not reach {'it' if len(names) == 1 else 'them'} (.grad is None after backward)."
-        ),
-        remedies=(fix,),
-    )
 
 
 def _divergence(trace: _Trace, opt_label: str, facts: ModelFacts) -> Alert | None:
@@ -525,8 +501,6 @@ def _report(
     rows = _rows(probe, trace)
     by_name = {r.name: r for r in rows}
     alerts = [a for a in monitor.alerts if not _transient_zero(a, by_name, facts)]
-    if trace.no_grad:
-        alerts.append(_no_gradient(trace.no_grad, opt is not None))
     label = _optimizer_label(opt) if opt is not None else None
     if label is not None:
         div = _divergence(trace, label, facts)

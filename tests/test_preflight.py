@@ -278,11 +278,13 @@ def test_layer_the_loss_never_reaches():
     data = (torch.randn(8, 8), torch.randn(8, 4))
     report = preflight(model, data, nn.functional.mse_loss)
     (alert,) = report.alerts
-    assert (alert.kind, alert.step, alert.layer, alert.value) == ("no_gradient", 0, "aux", 1.0)
+    # The monitor's NoGradient with a window of all the pre-flight steps: none of the 3 reached `aux`.
+    assert (alert.kind, alert.step, alert.layer, alert.value) == ("no_gradient", 2, "aux", 3.0)
     assert alert.message == (
-        "No gradient at step 0: `aux` is trainable but the loss does not reach it (.grad is None after backward)."
+        "No gradient at step 2: aux got none for 3 steps (since step 0) while the other layers did: "
+        "the loss never reaches it."
     )
-    assert alert.remedies[0].startswith("Check that `aux` is used in forward() on the path to the loss")
+    assert alert.remedies[0].startswith("`aux` never reaches the loss: call it in forward()")
     assert report.layer("aux").grad_norm is None and report.layer("aux").output_rms is None
     # Left out of the optimizer: not trained, so not a finding.
     opt = torch.optim.SGD(model.body.parameters(), lr=0.01)
