@@ -52,15 +52,19 @@ def _mlp_sgd() -> Trial:
     return train(mlp([20, 128, 128, 5]), data.Sampler(x, y, 64), ce, steps=150, optimizer=sgd(0.1, momentum=0.9))
 
 
-@_control("control_cnn_batchnorm", "gradwatch", "2-block CNN with BatchNorm, SGD lr 0.1 momentum 0.9")
+@_control("control_cnn_batchnorm", "gradwatch", "2-block CNN with BatchNorm on noisy 8-class images, SGD lr 0.02 "
+          "momentum 0.9")
 def _cnn_bn() -> Trial:
-    x, y = data.images()
+    # Noisy enough not to be solved to ~1e-8 within the budget (the converged case is control_trained_to_1e-6).
+    # Measured: loss 2.18 -> 0.3-0.5, no dead channel (at lr 0.1 see lr_too_high_bn_cnn_dead_channels).
+    x, y = data.images(classes=8, noise=1.0)
     seeded(0)
-    return train(cnn(batchnorm=True), data.Sampler(x, y, 32), ce, steps=80, optimizer=sgd(0.1, momentum=0.9))
+    return train(cnn(batchnorm=True, classes=8), data.Sampler(x, y, 32), ce, steps=80,
+                 optimizer=sgd(0.02, momentum=0.9))
 
 
 @_control("control_inputs_normalised", "gradwatch",
-          "the unnormalised-inputs MLP with inputs standardised instead (its remedy)")
+          "the raw-pixel MLP with its inputs standardised (its remedy)")
 def _inputs_normalised() -> Trial:
     x, y = data.images()
     x = x.flatten(1)
@@ -145,7 +149,8 @@ def _to_1e6() -> Trial:
     x, y = data.teacher_regression(n=32)
     seeded(0)
     model = mlp([32, 128, 8], nn.Tanh)
-    return train(model, lambda i: (x, y), F.mse_loss, steps=400, optimizer=adam(3e-3))
+    # Measured: loss 6e-3 at step 50, 8e-5 at 100, 1.5e-6 at 150 (total gradient norm 3e-4).
+    return train(model, lambda i: (x, y), F.mse_loss, steps=150, optimizer=adam(3e-3))
 
 
 @_control("control_frozen_backbone", "gradwatch", "frozen encoder (requires_grad=False), head fine-tuned with Adam")

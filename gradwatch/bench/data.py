@@ -88,13 +88,14 @@ def teacher_regression(n: int = 2048, dim: int = 32, out: int = 8, seed: int = 0
     return x, y / y.std(0, keepdim=True)
 
 
-def images(n: int = 1024, size: int = 16, classes: int = 4, channels: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Pixel images in ``[0, 1]``: one smooth random template per class plus noise (like digits)."""
+def images(n: int = 1024, size: int = 16, classes: int = 4, channels: int = 1, seed: int = 0,
+           noise: float = 0.25) -> tuple[Tensor, Tensor]:
+    """Pixel images in ``[0, 1]``: one smooth random template per class plus Gaussian ``noise`` (like digits)."""
     g = _gen(seed)
     coarse = torch.rand(classes, channels, size // 4, size // 4, generator=g)
     templates = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.randint(0, classes, (n,), generator=g)
-    x = templates[y] + 0.25 * torch.randn(n, channels, size, size, generator=g)
+    x = templates[y] + noise * torch.randn(n, channels, size, size, generator=g)
     return x.clamp(0, 1), y
 
 
