@@ -30,6 +30,7 @@ more than one look and are decided on the steps themselves:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import random
@@ -234,7 +235,12 @@ def _copy_optimizer(optimizer: torch.optim.Optimizer, memo: Mapping[int, Any]) -
                 )
             params.append(twin)
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": params})
-    twin_opt = type(optimizer)(groups, **optimizer.defaults)
+    # Only the defaults the constructor takes (AdamW keeps `decoupled_weight_decay` in its defaults
+    # but does not accept it); the groups carry every hyper-parameter anyway.
+    params = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in params}
+    twin_opt = type(optimizer)(groups, **defaults)
     # A deep copy first: load_state_dict keeps same-device tensors as they are, and the copy's steps
     # would then update the user's moments in place.
     twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))

@@ -184,6 +184,38 @@ def test_model_optimizer_rng_and_hooks_are_untouched():
     user_monitor.close()
 
 
+_OPTIMIZERS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
+    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+    "two_groups": lambda ps: torch.optim.SGD([{"params": ps[:2], "lr": 0.5}, {"params": ps[2:]}], lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+def test_first_update_is_the_one_the_real_step_makes(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = _OPTIMIZERS[name](list(model.parameters()))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    nn.functional.mse_loss(model(x), y).backward()  # one real step first: the optimizer has state
+    opt.step()
+    opt.zero_grad()
+    report = preflight(model, (x, y), nn.functional.mse_loss, optimizer=opt)
+    # The copy started from the same weights, optimizer state and batch: its first update is the
+    # update the user's own next step makes.
+    def flat(m: nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    before = {"0": flat(model[0]), "2": flat(model[2])}
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    for n, w0 in before.items():
+        expected = float((flat(model[int(n)]) - w0).norm() / w0.norm())
+        assert report.layer(n).update_ratio == pytest.approx(expected, rel=1e-6)
+
+
 def test_same_call_same_report():
     torch.manual_seed(0)
     model = _Net()
