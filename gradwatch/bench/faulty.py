@@ -66,7 +66,7 @@ def _lenet_deep_sigmoid() -> Trial:
     return train(LeNet(nn.Sigmoid, extra=4), data.Sampler(x, y, 32), ce, steps=100, optimizer=sgd(0.05))
 
 
-RELU34_SEEDS = (0, 1, 2, 3, 4, 5)
+RELU34_SEEDS = tuple(range(12))
 
 
 def _relu34_dead_layer(model: nn.Sequential, probe: Tensor) -> int | None:
@@ -84,9 +84,8 @@ def _relu34_dead_layer(model: nn.Sequential, probe: Tensor) -> int | None:
 
 
 @_case("autotrainer_relu34_seeds", "AUTOTRAINER", "dead", ("architecture", "init", "learning_rate"),
-       f"34 ReLU Dense layers of width 8 on inputs in [-1, 0], Adam lr 1e-3, seeds {RELU34_SEEDS[0]}-"
-       f"{RELU34_SEEDS[-1]}: about half die; scored per seed against the trained network",
-       scored_kinds=("dead",))
+       f"34 ReLU Dense layers of width 8 (He init) on inputs in [-1, 0], Adam lr 1e-3, seeds {RELU34_SEEDS[0]}-"
+       f"{RELU34_SEEDS[-1]}: about half die while training; scored per seed against the trained network")
 def _relu34_seeds() -> list[Trial]:
     g = torch.Generator().manual_seed(0)
     x = -torch.rand(4096, 4, generator=g)
@@ -94,7 +93,9 @@ def _relu34_seeds() -> list[Trial]:
     trials = []
     for seed in RELU34_SEEDS:
         seeded(seed)
-        model = mlp([4] + [8] * 34 + [2])
+        # Measured: no seed is dead at init; after 60 steps a whole layer is zero on every probe sample for 7 of
+        # the 12 seeds (width 16: none of them).
+        model = init_(mlp([4] + [8] * 34 + [2]), "he")
         dead: list[int | None] = []
         t = train(model, data.Sampler(x, y, 64, seed=seed), ce, steps=60, optimizer=adam(1e-3), seed=seed,
                   after=lambda m, found=dead: found.append(_relu34_dead_layer(m, x[:512])))
