@@ -42,6 +42,7 @@ __all__ = [
     "GradStats",
     "Latch",
     "Persistence",
+    "Series",
     "StepEvidence",
     "Window",
     "stacked",
@@ -509,6 +510,52 @@ class Window:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+class Series:
+    """One device scalar per step, recorded by reference and read at the next logging step as one tensor.
+
+    For a sequential recursion that cannot be vectorised over steps (an EMA with winsorisation, a
+    running best): record each step's scalar here (no device op), put :meth:`readout` in the
+    detector's readout, and run the recursion on the host in ``collect`` over ``zip(values, steps)``.
+    It costs no kernel launch at all and microseconds of Python at logging steps.
+
+    Args:
+        chunk: scalars after which the kept references are stacked into one tensor (bounds the
+            number of tensors alive between two reads; one stack, no host read).
+    """
+
+    def __init__(self, chunk: int = 64) -> None:
+        self.chunk = chunk
+        self._values: list[Tensor] = []
+        self._chunks: list[Tensor] = []
+        self._steps: list[int] = []
+        self._read: list[int] = []
+
+    def add(self, value: Tensor, step: int) -> None:
+        """Record this step's 0-d ``value`` for step number ``step`` (a host int)."""
+        self._values.append(value)
+        self._steps.append(step)
+        if len(self._values) >= self.chunk:
+            self._chunks.append(torch.stack(self._values).to(torch.float32))
+            self._values = []
+
+    def readout(self) -> Tensor | None:
+        """float32[T]: the values recorded since the last read (``None`` when there are none)."""
+        parts = [*self._chunks, torch.stack(self._values).to(torch.float32)] if self._values else self._chunks
+        self._values, self._chunks = [], []
+        self._read, self._steps = self._read + self._steps, []
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def steps(self) -> list[int]:
+        """The step numbers of what :meth:`readout` returned (since the last call), oldest first."""
+        out, self._read = self._read, []
+        return out
+
+    def __len__(self) -> int:
+        return len(self._steps)  # steps recorded and not read yet
 
 
 def stacked(rows: Sequence[StepEvidence], name: str, get: Callable[[StepEvidence], Tensor]) -> Tensor:

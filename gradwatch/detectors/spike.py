@@ -14,12 +14,11 @@ from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
 from gradwatch.detectors._common import fmt
-from gradwatch.detectors.base import Detector, DetectorContext, Finding, StepEvidence
+from gradwatch.detectors.base import Detector, DetectorContext, Finding, Series, StepEvidence
 
 __all__ = ["Spike"]
 
 _TINY = 1e-30
-_CHUNK = 64  # steps whose norms are stacked into one device tensor while no read comes
 
 
 class Spike(Detector):
@@ -54,29 +53,18 @@ class Spike(Detector):
         self.warmup = check_int("warmup", warmup, 1)
         self.mean = self.var = self.count = 0.0  # of the log total norm (host floats)
         self._fired: tuple[int, float, float] | None = None  # (step, factor, typical) not yet reported
-        self._norms: list[Tensor] = []  # 0-d device tensors of the steps not read yet
-        self._chunks: list[Tensor] = []  # their stacks, _CHUNK steps each
-        self._steps: list[int] = []
-        self._read_steps: list[int] = []
+        self.norms = Series()
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
-        self._norms, self._chunks, self._steps = [], [], []
+        self.norms = Series()
 
     def update(self, ev: StepEvidence) -> None:
-        self._norms.append(ev.stats.total_norm)
-        self._steps.append(int(ev.stats.step))
-        if len(self._norms) >= _CHUNK:  # bounds the tensors kept alive between two reads
-            self._chunks.append(torch.stack(self._norms))
-            self._norms = []
+        self.norms.add(ev.stats.total_norm, ev.stats.step)
 
     def readout(self) -> dict[str, Tensor]:
-        parts = [*self._chunks, torch.stack(self._norms)] if self._norms else list(self._chunks)
-        self._norms, self._chunks = [], []
-        self._read_steps, self._steps = self._read_steps + self._steps, []
-        if not parts:
-            return {}
-        return {"norms": parts[0] if len(parts) == 1 else torch.cat(parts)}
+        norms = self.norms.readout()
+        return {} if norms is None else {"norms": norms}
 
     def fold(self, norms: list[float], steps: list[int]) -> None:
         """Run the recursion over host norms (oldest first); latch the first spike not reported yet."""
@@ -101,8 +89,7 @@ class Spike(Detector):
         self.mean, self.var, self.count = mean, var, count
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
-        self.fold(values.get("norms", []), self._read_steps)
-        self._read_steps = []
+        self.fold(values.get("norms", []), self.norms.steps())
         if self._fired is None:
             return []
         s, v, typical = self._fired
@@ -125,10 +112,9 @@ class Spike(Detector):
     def state_dict(self) -> dict[str, Any]:
         """The statistics as float64 tensors. Steps not read yet are folded first (one host read:
         checkpoints are rare and copy to the host anyway)."""
-        pending = self.readout()
-        if pending:
-            self.fold(pending["norms"].tolist(), self._read_steps)
-            self._read_steps = []
+        pending = self.norms.readout()
+        if pending is not None:
+            self.fold(pending.tolist(), self.norms.steps())
         return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in ("mean", "var", "count")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
