@@ -82,6 +82,7 @@ LOSS_SCALE_HIGH = 100.0
 LOSS_JUMP_HIGH = 10.0
 PRIOR_GROWTH = 10.0
 BIAS_SHIFT = -1.0
+GRAD_RATIO_EXPLODING = 50.0  # Exploding's default max_ratio: above it the gradient, not the step size, is the cause
 
 
 def _names(names: Sequence[str], limit: int = 4) -> str:
@@ -314,7 +315,14 @@ def _clues(ev: EvidenceSnapshot | None, kind: str, step_of_alert: int | None) ->
                 f"Normalise the inputs to zero mean and unit variance: {where} receives inputs of RMS "
                 f"{_g(ev.input_rms)}, so its weight gradient (proportional to its input) is tiny."
             )
-    top = ev.largest_update()
+    # An update is the learning rate's doing where the gradient behind it was not exploding (||g||/||w||
+    # below Exploding's 50; SGD's update is lr * ||g||/||w||), or under Adam-family optimizers, whose
+    # update is ~lr per entry whatever the gradient's size.
+    adam = ev.optimizer is not None and any(g.betas for g in ev.optimizer.groups)
+    blamed = [
+        k for k, g2p in ev.update_grad_ratio.items() if adam or g2p < GRAD_RATIO_EXPLODING
+    ] if ev.update_grad_ratio else None
+    top = ev.largest_update(blamed)
     if top is not None and top[1] >= UPDATE_HIGH:
         layer, ratio = top
         who = ev.optimizer.describe(layer) if ev.optimizer is not None else "the optimizer"
@@ -371,6 +379,8 @@ def remedies_for(
     """
     r = _Ranked()
     c = _clues(evidence, kind, step)
+    if c.inputs_high or facts.large_init:
+        c.loss_scale = None  # the inputs or the init explain a large starting loss
     squashing = facts.sigmoid + facts.tanh
     big_init = [x for x in facts.large_init if x.name not in facts.attention_qk] or facts.large_init
     qk_named = [x for x in layers if x in facts.attention_qk]
@@ -574,4 +584,9 @@ def remedies_for(
                 f"If {_names(named)} is meant to stay fixed, freeze it (requires_grad_(False)) and leave it out of "
                 "the optimizer."
             ))
+    elif kind == "desync":
+        from gradwatch.desync import remedies as desync_remedies  # the cause follows the check that fired
+
+        for text in desync_remedies(source):
+            r.add(6, text)  # already ranked; ties keep their order
     return r.ranked()
