@@ -160,8 +160,10 @@ def test_judge_across_seeds_uses_each_seeds_oracle_and_only_the_scored_kinds() -
         Trial((_alert("dead", 9, leaky),), 60, 2, "dead", True, "layer 1 dead"),
     ]
     r = judge(case, trials)
-    assert (r.detected, r.first_step, r.remedy_category, r.remedy_ok, r.ok) == (True, 5, "architecture", True, True)
+    assert (r.detected, r.first_step, r.remedy_category, r.remedy_ok, r.remedy_runs, r.ok) == (
+        True, 5, "architecture", True, (2, 2), True)
     assert r.got == "dead on 2/3 seeds (oracle: 2 died); 3/3 right"
+    assert format_row(r)[3:] == ("step 5", "yes (architecture; 2/2 runs)", "yes")
     trials[1] = Trial((_alert("dead", 30, leaky),), 60, 1, None, True, "alive")  # a healthy seed called dead
     r = judge(case, trials)
     assert (r.detected, r.ok, r.got) == (False, False, "dead on 3/3 seeds (oracle: 2 died); 2/3 right")
@@ -223,10 +225,10 @@ def test_json_document_schema(fast_run) -> None:
     first = doc["cases"][0]
     assert set(first) == {
         "name", "source", "summary", "role", "expect", "remedy_accepted", "ok", "detected", "false_alarm",
-        "first_step", "remedy_category", "remedy_ok", "got", "seconds", "error", "trials",
+        "first_step", "remedy_category", "remedy_ok", "remedy_runs", "got", "seconds", "error", "trials",
     }
-    assert (first["role"], first["expect"], first["remedy_accepted"], first["ok"], first["first_step"]) == (
-        "faulty", "nonfinite", ["numerics"], True, 0)
+    assert (first["role"], first["expect"], first["remedy_accepted"], first["ok"], first["first_step"],
+            first["remedy_runs"]) == ("faulty", "nonfinite", ["numerics"], True, 0, [1, 1])
     (trial,) = first["trials"]
     assert set(trial) == {"alerts", "steps", "seed", "expect", "oracle", "note"}
     assert trial["steps"] == 40

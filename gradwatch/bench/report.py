@@ -20,10 +20,11 @@ def format_row(r: CaseResult) -> tuple[str, str, str, str, str, str]:
     first = "-" if r.first_step is None else f"step {r.first_step}"
     if c.control or r.remedy_ok is None:
         remedy = "-"
-    elif r.remedy_ok:
-        remedy = f"yes ({r.remedy_category})"
     else:
-        remedy = f"no ({r.remedy_category or 'no alert' if r.detected is False else r.remedy_category or '?'})"
+        what = r.remedy_category or ("no alert" if r.first_step is None and r.remedy_category is None else "none")
+        if len(r.trials) > 1:
+            what += f"; {r.remedy_runs[0]}/{r.remedy_runs[1]} runs"
+        remedy = f"{'yes' if r.remedy_ok else 'no'} ({what})"
     return c.name, expected, r.got, first, remedy, "yes" if r.ok else "NO"
 
 

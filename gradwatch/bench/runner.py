@@ -39,6 +39,7 @@ class CaseResult:
             control or a case none of whose seeds turned out faulty.
         seconds: wall-clock time.
         error: the exception, when the case's program itself failed.
+        remedy_runs: ``(right, faulty)``: faulty runs whose first remedy is right, and faulty runs.
     """
 
     case: Case
@@ -50,6 +51,7 @@ class CaseResult:
     remedy_ok: bool | None
     seconds: float
     error: str | None = None
+    remedy_runs: tuple[int, int] = (0, 0)
 
     @property
     def ok(self) -> bool:
@@ -89,6 +91,7 @@ class CaseResult:
             "first_step": self.first_step,
             "remedy_category": self.remedy_category,
             "remedy_ok": self.remedy_ok,
+            "remedy_runs": list(self.remedy_runs),
             "got": self.got,
             "seconds": round(self.seconds, 3),
             "error": self.error,
@@ -133,6 +136,7 @@ def judge(case: Case, trials: Sequence[Trial], seconds: float = 0.0, error: str 
     first_step: int | None = None
     category: str | None = None
     remedy_ok: bool | None = None
+    right = faulty = 0
     for t in trials:
         expect = t.expect if t.oracle else case.expect
         ok, first = _judge_trial(t, expect, case.scored_kinds)
@@ -141,13 +145,15 @@ def judge(case: Case, trials: Sequence[Trial], seconds: float = 0.0, error: str 
             continue
         this_category = classify_remedy(first.remedy) if first is not None else None
         this_ok = ok and this_category in case.remedy
+        right += this_ok
+        faulty += 1
         if remedy_ok is None:  # the first faulty run gives the figures shown
             first_step = first.step if ok and first is not None else None
             category = this_category
             remedy_ok = this_ok
         else:
             remedy_ok = remedy_ok and this_ok
-    return CaseResult(case, trials, detected, False, first_step, category, remedy_ok, seconds)
+    return CaseResult(case, trials, detected, False, first_step, category, remedy_ok, seconds, None, (right, faulty))
 
 
 def run_trials(case: Case) -> list[Trial]:
