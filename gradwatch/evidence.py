@@ -470,10 +470,12 @@ class EvidenceSnapshot:
         optimizer: the optimizer's hyper-parameters, when gradwatch knows the optimizer.
         update_ratio: the last measured ``||dw|| / ||w||`` per layer (NaN-free).
         update_step: the step whose update ``update_ratio`` measured.
+        update_grad_ratio: ``||g|| / ||w||`` per layer at that step: an update is the learning rate's
+            doing only where the gradient behind it was not itself exploding.
         input_rms: RMS of the input reaching the first weight layer at the last logging step.
         input_max: its max |x|.
         input_layer: that layer's name.
-        loss_start: mean loss over the first steps seen (``None`` without a loss).
+        loss_start: the first loss seen (``None`` without a loss).
         loss_last: the loss at the last step seen.
         loss_best: the lowest loss EMA seen.
         loss_stalled: steps since the loss EMA last improved by 1%.
@@ -486,6 +488,7 @@ class EvidenceSnapshot:
     optimizer: OptimizerInfo | None = None
     update_ratio: dict[str, float] = field(default_factory=dict)
     update_step: int | None = None
+    update_grad_ratio: dict[str, float] = field(default_factory=dict)
     input_rms: float | None = None
     input_max: float | None = None
     input_layer: str | None = None
@@ -505,51 +508,64 @@ class EvidenceSnapshot:
         return max(items, key=lambda kv: kv[1]) if items else None
 
 
-# Loss tracking for the remedies' wording: the first steps' mean (what "started at" means), an EMA
-# (alpha 0.9: a ~10-step memory, so one batch neither makes nor hides a trend) and its best value.
-_LOSS_START_STEPS = 10
+# Loss tracking for the remedies' wording: the first loss (what "started at" means: before any update
+# could make it worse), an EMA (alpha 0.9: a ~10-step memory, so one batch neither makes nor hides a
+# trend) and its best value.
 _LOSS_ALPHA = 0.9
 _LOSS_IMPROVED = 0.99  # the EMA improved when it fell below 99% of its best (1%: above batch noise of an EMA)
 
 
 class LossTrack:
-    """Device-side summary of the loss for the remedies: start, last, best EMA, steps since it improved."""
+    """Summary of the loss for the remedies: first, last, best EMA, steps since it improved, largest jump.
 
-    def __init__(self, device: torch.device) -> None:
-        z = torch.zeros((), device=device)
-        self.count, self.start_sum, self.ema, self.best, self.since, self.last = (z.clone() for _ in range(6))
-        self.jump, self.jump_step = z.clone(), z.clone() - 1
-        self.seen = False
+    Each step's loss is recorded by reference (no device op); the values travel in the logging step's
+    one transfer and the recursion runs on the host (:meth:`fold`).
+    """
 
-    def update(self, loss: Tensor, step: Tensor) -> None:
-        """Fold one step's loss (float32 device scalar) in (device only)."""
-        self.seen = True
-        ok = torch.isfinite(loss)
-        first = self.count == 0
-        # The loss over its running mean before this step: how extreme this step's batch was.
-        jump = torch.where(first | (self.ema <= 0), torch.zeros_like(loss), loss / self.ema.clamp_min(1e-30))
-        bigger = ok & (jump > self.jump)
-        self.jump = torch.where(bigger, jump, self.jump)
-        self.jump_step = torch.where(bigger, step, self.jump_step)
-        in_start = self.count < _LOSS_START_STEPS
-        self.start_sum = torch.where(ok & in_start, self.start_sum + loss, self.start_sum)
-        ema = torch.where(first, loss, _LOSS_ALPHA * self.ema + (1 - _LOSS_ALPHA) * loss)
-        self.ema = torch.where(ok, ema, self.ema)
-        better = ok & (first | (self.ema < _LOSS_IMPROVED * self.best))
-        self.best = torch.where(better, self.ema, self.best)
-        self.since = torch.where(better, torch.zeros_like(self.since), self.since + 1)
-        self.last = loss
-        self.count = self.count + ok.to(self.count.dtype)
+    def __init__(self) -> None:
+        from gradwatch.detectors.base import Series  # the detectors package imports this module's types
+
+        self.series = Series()
+        self.count = 0
+        self.start = self.ema = self.best = self.last = math.nan
+        self.since = 0
+        self.jump: float | None = None
+        self.jump_step: int | None = None
+
+    @property
+    def seen(self) -> bool:
+        """Whether a loss was recorded since the last read."""
+        return len(self.series) > 0
+
+    def add(self, loss: Tensor, step: int) -> None:
+        """Record one step's loss (a float32 device scalar; no device op)."""
+        self.series.add(loss, step)
 
     def readout(self) -> dict[str, Tensor]:
-        start = self.start_sum / self.count.clamp(min=1, max=_LOSS_START_STEPS)
-        return {"loss/start": start, "loss/last": self.last, "loss/best": self.best, "loss/since": self.since,
-                "loss/count": self.count, "loss/jump": self.jump, "loss/jump_step": self.jump_step}
+        losses = self.series.readout()
+        return {} if losses is None else {"loss/values": losses}
 
-    def clear_jump(self) -> None:
-        """Forget the largest jump (after a read)."""
-        self.jump = torch.zeros_like(self.jump)
-        self.jump_step = torch.full_like(self.jump_step, -1.0)
+    def fold(self, values: Sequence[float]) -> None:
+        """Run the recursion over the read-back losses (oldest first); the jump is this window's largest."""
+        steps = self.series.steps()
+        self.jump, self.jump_step = None, None
+        for loss, step in zip(values, steps):
+            if not math.isfinite(loss):
+                continue
+            if self.count == 0:
+                self.start = self.ema = self.best = loss
+            else:
+                if self.ema > 0:
+                    jump = loss / self.ema
+                    if self.jump is None or jump > self.jump:
+                        self.jump, self.jump_step = jump, step
+                self.ema = _LOSS_ALPHA * self.ema + (1 - _LOSS_ALPHA) * loss
+                if self.ema < _LOSS_IMPROVED * self.best:
+                    self.best, self.since = self.ema, 0
+                else:
+                    self.since += 1
+            self.last = loss
+            self.count += 1
 
 
 class Evidence:
@@ -590,6 +606,7 @@ class Evidence:
         self._unreached_key: tuple[int, ...] = ()
         self._unreached: Tensor | None = None
         self._last = EvidenceSnapshot()
+        self._g2p: dict[str, float] = {}
 
     def bind(self, layers: Sequence[Layer], device: torch.device) -> None:
         """The layers in forward order and the statistics' device (at the monitor's first step)."""
@@ -598,17 +615,21 @@ class Evidence:
         self.updates = UpdateTracker(self.layers, device)
         self.carry = GradCarry(self.layers, device)
         self.probe = ReachProbe(self.layers)
-        self.loss = LossTrack(device)
+        self.loss = LossTrack()
         first = next((x for x in self.layers if x.is_weight_layer), None)
         modules = dict(self.model.named_modules())
         retarget = self.input is not None and first is not None and first.name != self.input.name
         if retarget and first.module_name in modules:  # type: ignore[union-attr]
             self.input.retarget(modules[first.module_name], first.name)  # type: ignore[union-attr]
 
-    def begin(
-        self, step: Tensor, loss: Tensor | None, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
-        """This step's evidence, as :class:`~gradwatch.detectors.StepEvidence` fields (device work only)."""
+    def begin(self, host_step: int, loss: Tensor | None, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """This step's evidence, as :class:`~gradwatch.detectors.StepEvidence` fields (no host read).
+
+        Args:
+            host_step: this step's number.
+            loss: this step's loss (float32 device scalar), when the loop gave one.
+            optimizer: the optimizer stepping now, when known (else the last one seen).
+        """
         assert self.updates is not None and self.carry is not None and self.probe is not None
         measured = self.updates.measure()
         if measured is not None:
@@ -619,7 +640,7 @@ class Evidence:
                 self._input = x
         carried = self.carry.observe()
         if loss is not None and self.loss is not None:
-            self.loss.update(loss, step)
+            self.loss.add(loss, host_step)
         if optimizer is not None:
             self._optimizer = weakref.ref(optimizer)
         unreached = self.probe.unreached() if self.probe.watched else ()
@@ -684,8 +705,11 @@ class Evidence:
         return {k: v.reshape(-1).to(torch.float32) for k, v in out.items()}
 
     def absorb(
-        self, values: dict[str, list[float]], grad_norm: Sequence[float] | None = None,
+        self,
+        values: dict[str, list[float]],
+        grad_norm: Sequence[float] | None = None,
         present: Sequence[bool] | None = None,
+        param_norm: Sequence[float] | None = None,
     ) -> dict[str, float]:
         """Take the read-back values: remember them for the remedies, return the metrics they give.
 
@@ -693,12 +717,15 @@ class Evidence:
             values: what :meth:`readout` named, read back.
             grad_norm: this logging step's per-layer gradient norms (host), to probe exactly-zero layers.
             present: which layers had a gradient this step.
+            param_norm: this logging step's per-layer weight norms (host).
         """
         m: dict[str, float] = {}
         ratio: dict[str, float] = {}
         update_step = self._last.update_step
+        update_g2p = self._last.update_grad_ratio
         if "update/ratio" in values and self._ratio is not None:
             update_step = self._ratio[0]
+            update_g2p = self._g2p
             for x, r in zip(self.layers, values["update/ratio"]):
                 if math.isfinite(r):
                     ratio[x.name] = r
@@ -710,20 +737,21 @@ class Evidence:
             input_rms, input_max = values["input"][0], values["input"][1]
             self._input = None
             m["input/rms"] = input_rms
-        loss = {}
-        if "loss/count" in values and values["loss/count"][0] > 0:
-            loss = {
-                "loss_start": values["loss/start"][0], "loss_last": values["loss/last"][0],
-                "loss_best": values["loss/best"][0], "loss_stalled": int(values["loss/since"][0]),
-            }
-            if values["loss/jump_step"][0] >= 0:
-                loss["loss_jump"], loss["loss_jump_step"] = values["loss/jump"][0], int(values["loss/jump_step"][0])
-            if self.loss is not None:
-                self.loss.clear_jump()
+        loss: dict[str, Any] = {}
+        if self.loss is not None and "loss/values" in values:
+            self.loss.fold(values["loss/values"])
+            t = self.loss
+            if t.count:
+                loss = {"loss_start": t.start, "loss_last": t.last, "loss_best": t.best, "loss_stalled": t.since,
+                        "loss_jump": t.jump, "loss_jump_step": t.jump_step}
         if grad_norm is not None and self.probe is not None:
             zero = [i for i, g in enumerate(grad_norm) if g == 0.0 and (present is None or present[i])]
             self.probe.unwatch([i for i in self.probe.watched if i not in zero])
             self.probe.watch(zero)
+        if grad_norm is not None and param_norm is not None:  # kept for the update this step's one measures
+            self._g2p = {
+                x.name: g / w for x, g, w in zip(self.layers, grad_norm, param_norm) if w > 0 and math.isfinite(g / w)
+            }
         opt = self._optimizer() if self._optimizer is not None else None
         info = describe_optimizer(opt, self.layers, self.model) if opt is not None else self._last.optimizer
         if info is not None:
@@ -735,15 +763,16 @@ class Evidence:
             optimizer=info,
             update_ratio=ratio or last.update_ratio,
             update_step=update_step,
+            update_grad_ratio=update_g2p,
             input_rms=input_rms,
             input_max=input_max,
             input_layer=self.input.name if self.input is not None else None,
             loss_start=loss.get("loss_start", last.loss_start),
             loss_last=loss.get("loss_last", last.loss_last),
             loss_best=loss.get("loss_best", last.loss_best),
-            loss_stalled=loss.get("loss_stalled", last.loss_stalled),  # type: ignore[arg-type]
+            loss_stalled=loss.get("loss_stalled", last.loss_stalled),
             loss_jump=loss.get("loss_jump"),
-            loss_jump_step=loss.get("loss_jump_step"),  # type: ignore[arg-type]
+            loss_jump_step=loss.get("loss_jump_step"),
             batch_size=self.input.batch_size if self.input is not None else None,
         )
         return m

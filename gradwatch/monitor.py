@@ -438,7 +438,7 @@ class GradWatch:
         loss_t = self._loss_tensor(loss)
         ev = StepEvidence(
             stats=seen, step=self._step_t, activations=acts, times=times,
-            loss=loss_t, logging=logging_step, **self._evidence.begin(self._step_t, loss_t, optimizer),
+            loss=loss_t, logging=logging_step, **self._evidence.begin(step, loss_t, optimizer),
         )
         for d in self.detectors:
             d.update(ev)
@@ -532,7 +532,9 @@ class GradWatch:
         )
         m["skipped_steps"] = m["skipped_steps"] + float(self._skipped)
         ev_values = values.scope("ev/")
-        m.update(self._evidence.absorb(ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host))
+        m.update(self._evidence.absorb(
+            ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host, param_norm=values["m/param_norm"]
+        ))
         findings = self._collect_findings(values)
         if is_rank_zero():
             self.sinks.metrics(m, stats.step)

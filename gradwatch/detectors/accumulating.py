@@ -18,12 +18,14 @@ gradients is compared with last step's on the device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_range
-from gradwatch.detectors._common import fmt
 from gradwatch.detectors.base import TINY, Detector, DetectorContext, Finding, Persistence, StepEvidence
+from gradwatch.evidence import GradSample
 
 __all__ = ["Accumulating"]
 
@@ -45,6 +47,9 @@ class Accumulating(Detector):
     new) and for ``zero_grad(set_to_none=False)`` (the sum restarts at every step: no steady growth,
     the cosine of independent batches).
 
+    The samples are taken on the step (only where tensors persist); the comparison runs at the
+    logging step, vectorised over the steps since the last one.
+
     Args:
         min_cos: threshold on the cosine between consecutive applied gradients.
         persist: consecutive steps the condition must hold.
@@ -55,42 +60,55 @@ class Accumulating(Detector):
         self.min_cos = check_range("min_cos", min_cos, 0.0, 1.0)
         self.persist = check_int("persist", persist, 2)
         self._prev: Tensor | None = None
+        self._rows: list[tuple[int, GradSample | None]] = []
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         n = len(ctx.layers)
-        # Per layer: the sampled gradient's norm when its current run of carried steps began.
-        self.state.add_state("run_start", lambda dev: torch.zeros(n, device=dev))
         self.carried = Persistence(self.state, "carried", n, self.persist)
         self.state.bind(ctx.device)
         self._none = torch.zeros(n, dtype=torch.bool, device=ctx.device)
-        self._zeros = torch.zeros(n, device=ctx.device)
         self._prev = None
+        self._rows = []
 
     def update(self, ev: StepEvidence) -> None:
-        sample = ev.carried
-        if sample is None or sample.values.numel() == 0:
-            if self._prev is not None:  # new gradient tensors everywhere: nothing is carried, runs are over
-                self.carried.update(self._none, self._zeros, ev.step)
-                self._prev = None
-            return
-        prev, self._prev = self._prev, sample.values
-        if prev is None or prev.shape != sample.values.shape:
-            return
-        n = len(self._zeros)
-        s = sample.values
+        if ev.carried is None and self._prev is None and not any(r[1] is not None for r in self._rows):
+            return  # nothing carried now nor pending: nothing to fold (the common case)
+        self._rows.append((ev.stats.step, ev.carried))
+        if len(self._rows) >= 64:  # bound what is kept alive between two reads
+            self.fold()
 
-        def per_layer(x: Tensor) -> Tensor:
-            return torch.zeros(n, device=x.device).index_add_(0, sample.layer, x)
+    def fold(self) -> None:
+        """Compare each recorded sample with the previous step's (device only) and advance the streaks."""
+        rows, self._rows = self._rows, []
+        if not rows or self.ctx is None:
+            return
+        n = len(self._none)
+        conds, values, steps = [], [], []
+        for step, sample in rows:
+            prev, self._prev = self._prev, (sample.values if sample is not None else None)
+            steps.append(float(step))
+            if sample is None or prev is None or prev.shape != sample.values.shape:
+                conds.append(self._none)
+                values.append(self._none.to(torch.float32))
+                continue
+            s = sample.values
+            both = torch.stack([s * prev, s * s, prev * prev])
+            dot, n2, p2 = torch.zeros(3, n, device=s.device).index_add_(1, sample.layer, both).unbind(0)
+            cos = dot / (n2 * p2).sqrt().clamp_min(TINY)
+            conds.append(sample.carried & (cos > self.min_cos) & (n2 > p2) & torch.isfinite(n2))
+            values.append(cos)
+        dev = self._none.device
+        step_t = torch.tensor(steps, dtype=torch.float32).to(dev, non_blocking=True)
+        self.carried.update_window(torch.stack(conds), torch.stack(values), step_t)
 
-        dot, n2, p2 = per_layer(s * prev), per_layer(s * s), per_layer(prev * prev)
-        cos = dot / (n2 * p2).sqrt().clamp_min(TINY)
-        cond = sample.carried & (cos > self.min_cos) & (n2 > p2) & torch.isfinite(n2)
-        st = self.state
-        fresh = self.carried.streak == 0
-        st.run_start = torch.where(fresh, p2.sqrt(), st.run_start)
-        growth = n2.sqrt() / st.run_start.clamp_min(TINY)
-        self.carried.update(cond, growth, ev.step)
+    def readout(self) -> dict[str, Tensor]:
+        self.fold()
+        return super().readout()
+
+    def state_dict(self) -> dict[str, Any]:
+        self.fold()
+        return super().state_dict()
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
@@ -99,7 +117,6 @@ class Accumulating(Detector):
         if not hits:
             return []
         first = min(hits, key=lambda h: (h.step, h.index))
-        top = max(hits, key=lambda h: h.value)
         layers = tuple(names[h.index] for h in sorted(hits, key=lambda h: h.index))
         more = f" (and {len(layers) - 1} more layer(s))" if len(layers) > 1 else ""
         start = first.step - self.persist
@@ -109,13 +126,13 @@ class Accumulating(Detector):
                 "carried",
                 first.step,
                 names[first.index],
-                top.value,
+                first.value,
                 self.min_cos,
                 "warning",
                 f"Gradients carried over across optimizer steps at step {first.step}: since step {start} the gradient "
-                f"of {names[first.index]}{more} is the previous step's plus a new one (cosine > {self.min_cos:g} with "
-                f"the previous step's, norm up {fmt(top.value)}x): it is not zeroed between optimizer steps.",
+                f"of {names[first.index]}{more} is the previous step's plus a new one (cosine {first.value:.3f} with "
+                f"the previous step's, growing at every step): it is not zeroed between optimizer steps.",
                 layers,
-                evidence=(("growth", top.value), ("steps", float(self.persist))),
+                evidence=(("cosine", first.value), ("steps", float(self.persist))),
             )
         ]

@@ -6,19 +6,24 @@ a module built but unused in ``forward``, an output taken through ``.detach()``/
 ``torch.no_grad()``. Frozen parameters (``requires_grad=False``) are not watched at all, and
 parameters outside every optimizer are left out when gradwatch knows the optimizer: nobody expects
 them to learn.
+
+Steps are recorded by reference and folded at the logging step, vectorised over the steps
+(:class:`~gradwatch.detectors._common.WindowedChecks`): no device op on the other steps.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from gradwatch._checks import check_int
-from gradwatch.detectors.base import Detector, DetectorContext, Finding, Latch, Persistence, StepEvidence
+from gradwatch.detectors._common import WindowedChecks
+from gradwatch.detectors.base import DetectorContext, Finding, Latch, StepEvidence, stacked
 
 __all__ = ["NoGradient"]
 
 
-class NoGradient(Detector):
+class NoGradient(WindowedChecks):
     """``no_gradient``: an optimised (or, without a known optimizer, trainable) layer gets no gradient.
 
     Checks:
@@ -38,52 +43,65 @@ class NoGradient(Detector):
         window: consecutive steps without a gradient.
     """
 
+    sources = (("missing", True),)
+
     def __init__(self, window: int = 20) -> None:
-        super().__init__()
-        self.window = check_int("window", window, 1)
+        self.window_steps = check_int("window", window, 1)
+        super().__init__(self.window_steps)
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         n = len(ctx.layers)
-        self.missing = Persistence(self.state, "missing", n, self.window)
         self.inert = Latch(self.state, "inert", 1)
         self.state.bind(ctx.device)
         self._true = torch.ones(1, dtype=torch.bool, device=ctx.device)
         self._all = torch.ones(n, dtype=torch.bool, device=ctx.device)
+        self._none = torch.zeros(n, dtype=torch.bool, device=ctx.device)
+        self._inert_pending: int | None = None
 
     def update(self, ev: StepEvidence) -> None:
-        st = ev.stats
-        scope = ev.optimized if ev.optimized is not None else self._all
-        got = st.present & (st.grad_norm != 0)  # NaN/Inf count as a gradient: nonfinite reports them
-        missing = ~st.present
-        if ev.unreached is not None:
-            missing = missing | (ev.unreached & st.present & (st.grad_norm == 0))
-        others = (got & scope).any()
-        self.missing.update(scope & missing & others, st.grad_norm, ev.step)
-        if ev.optimizer_inert:
-            self.inert.update(self._true, ev.step, value=self._true.to(torch.float32))
+        if ev.optimizer_inert and self._inert_pending is None:
+            self._inert_pending = ev.stats.step  # host-known: latched at the fold
+        super().update(ev)
+
+    def fold(self) -> None:
+        if self._inert_pending is not None:
+            step = torch.full((), float(self._inert_pending), device=self._true.device)
+            self.inert.update(self._true, step, value=self._true.to(torch.float32))
+            self._inert_pending = None
+        super().fold()
+
+    def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        grad_sq = stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq)
+        present = stacked(rows, "present", lambda ev: ev.stats.present)
+        scope = stacked(rows, "optimized", lambda ev: ev.optimized if ev.optimized is not None else self._all)
+        unreached = stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else self._none)
+        got = present & (grad_sq != 0)  # NaN/Inf count as a gradient: nonfinite reports them
+        missing = ~present | (unreached & present & (grad_sq == 0))
+        others = (got & scope).any(-1, keepdim=True)
+        return [scope & missing & others], [grad_sq.sqrt().expand(len(rows), -1)]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
         names = self.ctx.names
         out: list[Finding] = []
-        hits = self.missing.fired(values)
+        hits = self.fired_by_source(values)["missing"]
         if hits:
             first = min(hits, key=lambda h: (h.step, h.index))
             layers = tuple(names[h.index] for h in sorted(hits, key=lambda h: h.index))
             more = f" (and {len(layers) - 1} more layer(s))" if len(layers) > 1 else ""
-            since = first.step - self.window + 1
+            since = first.step - self.window_steps + 1
             out.append(
                 Finding(
                     "no_gradient",
                     "missing",
                     first.step,
                     names[first.index],
-                    float(self.window),
-                    float(self.window),
+                    float(self.window_steps),
+                    float(self.window_steps),
                     "warning",
-                    f"No gradient at step {first.step}: {names[first.index]}{more} got none for {self.window} steps "
-                    f"(since step {since}) while the other layers did: the loss never reaches it.",
+                    f"No gradient at step {first.step}: {names[first.index]}{more} got none for {self.window_steps} "
+                    f"steps (since step {since}) while the other layers did: the loss never reaches it.",
                     layers,
                 )
             )
