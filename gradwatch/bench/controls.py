@@ -7,13 +7,15 @@ frozen parameters, real gradient accumulation, ``zero_grad(set_to_none=False)``,
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gradwatch.bench import data
 from gradwatch.bench.faulty import _attention_task, _EncoderHead, _reference
-from gradwatch.bench.loop import adam, seeded, sgd, train
+from gradwatch.bench.loop import adam, monitor_for, seeded, sgd, train, trial_from, watch_step
 from gradwatch.bench.models import (
     VAE,
     Attention,
@@ -64,13 +66,13 @@ def _cnn_bn() -> Trial:
 
 
 @_control("control_inputs_normalised", "gradwatch",
-          "the raw-pixel MLP with its inputs standardised (its remedy)")
+          "the raw-pixel MLP with its inputs standardised (its remedy), SGD lr 0.05")
 def _inputs_normalised() -> Trial:
     x, y = data.images()
     x = x.flatten(1)
     x = (x - x.mean(0)) / x.std(0)
     seeded(0)
-    return train(mlp([256, 128, 64, 4]), data.Sampler(x, y, 32), ce, steps=60, optimizer=sgd(0.01))
+    return train(mlp([256, 128, 64, 4]), data.Sampler(x, y, 32), ce, steps=60, optimizer=sgd(0.05))
 
 
 def _lm_loss(out: Tensor, y: Tensor) -> Tensor:
@@ -118,10 +120,11 @@ def _vit() -> Trial:
                  optimizer=lambda ps: torch.optim.AdamW(list(ps), lr=1e-3))
 
 
-@_control("control_attention_scaled", "gradwatch", "the attention case with the 1/sqrt(d) scale and PyTorch's init")
+@_control("control_attention_scaled", "gradwatch",
+          "the attention case with the 1/sqrt(d) scale and PyTorch's init, Adam lr 3e-3")
 def _attention_scaled() -> Trial:
     seeded(0)
-    return train(Attention(), _attention_task(), ce, steps=60, optimizer=adam(1e-3))
+    return train(Attention(), _attention_task(), ce, steps=100, optimizer=adam(3e-3))
 
 
 def _vae_loss(out: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
@@ -130,11 +133,11 @@ def _vae_loss(out: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(rec, x.flatten(1), reduction="none").sum(1).mean() + kl
 
 
-@_control("control_vae", "gradwatch", "MLP VAE on 16x16 images (reparameterisation, KL term), Adam")
+@_control("control_vae", "gradwatch", "MLP VAE on 16x16 images (reparameterisation, KL term), Adam lr 3e-3")
 def _vae() -> Trial:
     x, _ = data.images()
     seeded(0)
-    return train(VAE(), data.Sampler(x, x, 32), _vae_loss, steps=80, optimizer=adam(1e-3))
+    return train(VAE(), data.Sampler(x, x, 32), _vae_loss, steps=100, optimizer=adam(3e-3))
 
 
 @_control("control_logistic_regression", "gradwatch", "logistic regression (one Linear), SGD lr 0.5")
@@ -153,14 +156,15 @@ def _to_1e6() -> Trial:
     return train(model, lambda i: (x, y), F.mse_loss, steps=150, optimizer=adam(3e-3))
 
 
-@_control("control_frozen_backbone", "gradwatch", "frozen encoder (requires_grad=False), head fine-tuned with Adam")
+@_control("control_frozen_backbone", "gradwatch",
+          "frozen encoder (requires_grad=False), head fine-tuned with Adam lr 1e-2")
 def _frozen_backbone() -> Trial:
     x, y = data.teacher_classes()
     seeded(0)
     model = _EncoderHead()
     model.encoder.requires_grad_(False)
     model.aux_head.requires_grad_(False)
-    return train(model, data.Sampler(x, y, 64), ce, steps=60, optimizer=adam(1e-3))
+    return train(model, data.Sampler(x, y, 64), ce, steps=80, optimizer=adam(1e-2))
 
 
 @_control("control_unused_module_not_optimised", "gradwatch",
@@ -187,7 +191,7 @@ class _LoRAMLP(nn.Module):
 def _lora() -> Trial:
     x, y = data.teacher_classes()
     seeded(0)
-    return train(_LoRAMLP(), data.Sampler(x, y, 64), ce, steps=60, optimizer=adam(1e-3))
+    return train(_LoRAMLP(), data.Sampler(x, y, 64), ce, steps=80, optimizer=adam(1e-2))
 
 
 @_control("control_gradient_accumulation", "gradwatch",
@@ -225,6 +229,90 @@ def _bf16() -> Trial:
 
     return train(mlp([20, 128, 128, 5]), data.Sampler(x, y, 64), ce, steps=80, optimizer=adam(1e-3),
                  forward=forward)
+
+
+@_control("control_lr_warmup_cosine", "gradwatch",
+          "ReLU MLP, SGD momentum 0.9 with a 20-step linear warm-up to lr 0.1, then cosine decay to 0")
+def _warmup_cosine() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    model = mlp([20, 128, 128, 5])
+    steps = 150
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    batches = data.Sampler(x, y, 64)
+    monitor = monitor_for(model)
+    for step in range(steps):
+        xb, yb = batches(step)
+        loss = ce(model(xb), yb)
+        loss.backward()
+        watch_step(monitor, loss, opt)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return trial_from(monitor, steps)
+
+
+@_control("control_vanilla_rnn_short", "gradwatch",
+          "vanilla tanh RNN copying the first token across 5 steps (it learns)")
+def _rnn_short() -> Trial:
+    x, y = data.copy_first_token(length=5)
+    seeded(0)
+    return train(SequenceClassifier("rnn", 8, 32, 8), data.Sampler(x, y, 32), ce, steps=80, optimizer=adam(3e-3))
+
+
+class _TiedLM(nn.Module):
+    """Embedding and output layer share one weight (weight tying); token 0 is padding."""
+
+    def __init__(self, vocab: int = 32, dim: int = 48) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.mix(self.emb(x)))
+
+
+@_control("control_tied_embeddings", "gradwatch",
+          "bigram LM with the output layer tied to the embedding (one Parameter in two modules), padding_idx=0")
+def _tied() -> Trial:
+    x, y = data.markov_tokens()
+    seeded(0)
+    return train(_TiedLM(), data.Sampler(x, y, 16), _lm_loss, steps=80, optimizer=adam(3e-3))
+
+
+@_control("control_alternating_heads", "gradwatch",
+          "multi-task model: two heads trained on alternate steps (each head idle every other step)")
+def _alternating() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    model = _EncoderHead()
+    steps = 100
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = data.Sampler(x, y, 64)
+    monitor = monitor_for(model)
+    for step in range(steps):
+        xb, yb = batches(step)
+        head = model.head if step % 2 == 0 else model.aux_head
+        loss = ce(head(model.encoder(xb)), yb)
+        loss.backward()
+        watch_step(monitor, loss, opt)
+        opt.step()
+        opt.zero_grad()
+    return trial_from(monitor, steps)
+
+
+@_control("control_dropout_mlp", "gradwatch", "ReLU MLP with dropout 0.5 after each hidden layer, AdamW")
+def _dropout() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Linear(128, 5))
+    return train(model, data.Sampler(x, y, 64), ce, steps=100,
+                 optimizer=lambda ps: torch.optim.AdamW(list(ps), lr=1e-3, weight_decay=0.01))
 
 
 _REFERENCE_REMEDIES = (

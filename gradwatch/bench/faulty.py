@@ -189,6 +189,27 @@ def _zero_grad_per_epoch() -> Trial:
     return trial_from(monitor, steps)
 
 
+@_case("traincheck_step_every_micro_batch", "TrainCheck", "accumulating", ("zero_grad",),
+       "gradient accumulation done wrong: optimizer.step() after every micro-batch, zero_grad() only every 4th")
+def _step_every_micro_batch() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    model = mlp([20, 64, 64, 5])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = data.Sampler(x, y, 16)
+    monitor = monitor_for(model)
+    steps = 100
+    for step in range(steps):
+        xb, yb = batches(step)
+        loss = ce(model(xb), yb) / 4
+        loss.backward()
+        watch_step(monitor, loss, opt)
+        opt.step()
+        if (step + 1) % 4 == 0:
+            opt.zero_grad()
+    return trial_from(monitor, steps)
+
+
 class _EncoderHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -397,9 +418,10 @@ def _attention_task(seed: int = 0) -> data.Sampler:
        "self-attention without the 1/sqrt(d) scale, q/k weights at 32x PyTorch's init: one-hot softmax")
 def _attention_unscaled() -> Trial:
     # Measured: mean max attention probability 1.00 (scaled model: 0.12); ||g||/||w|| of q and k 2e-4 - 2e-3,
-    # 3-30x below the scaled model's, while v, fc1 and head match it.
+    # 3-30x below the scaled model's, while v, fc1 and head match it; loss after 100 steps 1.00 against 0.77
+    # for the scaled twin (control_attention_scaled).
     seeded(0)
-    return train(Attention(scaled=False, qk_gain=32.0), _attention_task(), ce, steps=60, optimizer=adam(1e-3))
+    return train(Attention(scaled=False, qk_gain=32.0), _attention_task(), ce, steps=100, optimizer=adam(3e-3))
 
 
 def _softmax_nll(logits: Tensor, y: Tensor) -> Tensor:
