@@ -64,8 +64,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch as gw
+from gradwatch.detectors import StepEvidence
 from gradwatch.stats import StatsCollector
 
 VARIANTS = ("bare", "floor", "default", "every1", "acts", "agc", "wandb", "lightning", "naive")
@@ -444,6 +446,41 @@ def host_reads_per_step(wl: Workload, variant: Variant, steps: int) -> float:
     return total / steps
 
 
+# ------------------------------------------------------------------------------------ op counts
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active (each is a kernel launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(wl: Workload, variant: Variant, log_every: int = 10) -> tuple[int, int]:
+    """ATen ops of a whole iteration with the variant minus the bare iteration, on a non-logging and
+    on a logging step of gradwatch's cadence (the same for peers, which do the same every step)."""
+
+    def iteration_ops(v: Variant, step: int) -> int:
+        opt = wl.reset()
+        v.setup(wl.model)
+        try:
+            for _ in range(step):
+                train_step(wl, opt, v)
+            with _OpCounter() as c:
+                train_step(wl, opt, v)
+        finally:
+            v.teardown()
+        return c.n
+
+    out = []
+    for step in (log_every + 3, log_every):  # a non-logging step, then a logging one
+        out.append(iteration_ops(variant, step) - iteration_ops(Variant("bare", variant.tmp), step))
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------- statistics vs floor
 def stats_vs_floor(wl: Workload, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Median microseconds of the statistics alone and of the ``_foreach_norm`` floor (interleaved)."""
@@ -477,8 +514,9 @@ def stats_vs_floor(wl: Workload, args: argparse.Namespace, device: torch.device)
     fixed = collector.compute(collector.gather(), 1, full=False)
 
     def detectors() -> None:
+        ev = StepEvidence(stats=fixed, step=warn._step_t)  # what the monitor hands them each step
         for d in warn.detectors:
-            d.update(fixed, warn._step_t, None)
+            d.update(ev)
 
     fns = {"floor": floor, "stats": stats, "stats_full": stats_full, "detectors": detectors,
            "trip_warn": warn.step, "trip_skip": skip.step, "trip_logging": logging.step}
@@ -554,7 +592,21 @@ def peak_rss(model: str, variant: str, args: argparse.Namespace) -> float:
 
 # ------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the whole comparison and return the JSON-ready results."""
+    """Run the comparison once per ``--threads`` entry; ``models`` holds the first, ``runs`` every one."""
+    runs = []
+    for t in args.thread_list:
+        args.threads = t
+        runs.append(run_threads(args))
+    out = dict(runs[0])
+    out["runs"] = [
+        {"threads": t, "models": r["models"], "machine": r["machine"]} for t, r in zip(args.thread_list, runs)
+    ]
+    out["settings"] = {**out["settings"], "threads": list(args.thread_list)}
+    return out
+
+
+def run_threads(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the whole comparison with ``args.threads`` intra-op threads and return the JSON-ready results."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     random.seed(0)
@@ -566,7 +618,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(device),
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child", "thread_list")},
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -612,10 +664,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if device.type == "cuda":
                     entry["peak_mib"] = (max(peaks[v]) if v != "bare" else _bare_peak(wl, args, device)) / 2**20
                 res["variants"][v] = entry
+            floor = res["variants"].get("floor")
             for v in ["bare", *others]:
                 if v not in res["variants"]:
                     continue
                 entry = res["variants"][v]
+                if floor is not None:
+                    for c in clocks:  # the same-run ratio to the floor loop (both alternated with bare)
+                        entry[f"{c}_vs_floor"] = entry[f"{c}_ratio"] / floor[f"{c}_ratio"]
+                if args.ops and v != "bare":
+                    entry["ops_non_logging"], entry["ops_logging"] = ops_per_step(wl, Variant(v, tmp))
                 if device.type != "cuda" and args.memory:
                     entry["peak_mib"] = peak_rss(mname, v, args)
                 if args.host_reads:
@@ -659,20 +717,30 @@ def machine(device: torch.device) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     """A Markdown table: step-time ratio to the bare loop, peak memory, host reads per step."""
     lines = []
-    for mname, res in results["models"].items():
-        lines.append(f"\n**{mname}**: {res['describe']} ({res['params'] / 1e6:.2f} M parameters)\n")
+    runs = results.get("runs") or [{"threads": results["settings"].get("threads"), "models": results["models"]}]
+    for run_ in runs:
+        lines += _tables(run_["models"], run_["threads"])
+    return "\n".join(lines)
+
+
+def _tables(models: dict[str, Any], threads: Any) -> list[str]:
+    lines = []
+    for mname, res in models.items():
+        params = f"{res['params'] / 1e6:.2f} M parameters"
+        lines.append(f"\n**{mname}** ({threads} thread(s)): {res['describe']} ({params})\n")
         lines.append(
-            "| configuration | CPU time ms/step | ratio (CPU time) | wall ms/step | ratio (wall) "
-            "| peak memory (MiB) | host reads/step |"
+            "| configuration | CPU time ms/step | ratio (CPU time) | vs floor (CPU) | wall ms/step | ratio (wall) "
+            "| vs floor (wall) | ops/step (non-logging / logging) | peak memory (MiB) | host reads/step |"
         )
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for v, e in res["variants"].items():
             label = LABELS[v] + (f" ({e['note']})" if e.get("note") else "")
             cells = [label]
             for c in ("cpu", "wall"):
                 rng = (f"**{e[f'{c}_ratio']:.3f}** [{e[f'{c}_ratio_q25']:.3f}, {e[f'{c}_ratio_q75']:.3f}]"
                        if v != "bare" else "1")
-                cells += [f"{e[f'{c}_step_ms']:.2f}", rng]
+                cells += [f"{e[f'{c}_step_ms']:.2f}", rng, f"{e[f'{c}_vs_floor']:.3f}" if f"{c}_vs_floor" in e else "-"]
+            cells.append(f"{e['ops_non_logging']} / {e['ops_logging']}" if "ops_logging" in e else "-")
             cells.append(f"{e['peak_mib']:.0f}" if e.get("peak_mib") is not None else "-")
             cells.append(f"{e['host_reads_per_step']:.1f}" if "host_reads_per_step" in e else "-")
             lines.append("| " + " | ".join(cells) + " |")
@@ -686,7 +754,7 @@ def table(results: dict[str, Any]) -> str:
                 f"(on_nonfinite=\"warn\"), {sf['trip_skip_us']:.0f} us (\"skip\"), of which the default detectors "
                 f"{sf['detectors_us']:.0f} us; logging step with a JSONL sink {sf['trip_logging_us']:.0f} us."
             )
-    return "\n".join(lines)
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -698,7 +766,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each block")
     p.add_argument("--chunks", type=int, default=3, help="timed chunks per block")
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk (10 = one logging step each)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: steadier on a shared machine)")
+    p.add_argument("--threads", default="1,2",
+                   help="comma-separated torch.set_num_threads values; the whole comparison runs once per value")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mlp-width", type=int, default=512)
     p.add_argument("--mlp-depth", type=int, default=24)
@@ -717,6 +786,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="peak memory (CPU: one child process per model and variant)")
     p.add_argument("--host-reads", action=argparse.BooleanOptionalAction, default=True,
                    help="count host reads per step per variant")
+    p.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the ATen ops each variant adds to a non-logging and a logging iteration")
     p.add_argument("--child-timeout", type=float, default=600.0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes and counts (smoke test)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -728,9 +799,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cnn_width, args.cnn_blocks, args.cnn_res, args.cnn_batch = 4, 1, 8, 2
         args.warmup, args.chunks, args.chunk = 2, 1, 3
         args.stats_reps, args.stats_calls = min(args.stats_reps, 2), 2
-    for name in ("reps", "chunks", "chunk", "threads"):
+    for name in ("reps", "chunks", "chunk"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1; got {getattr(args, name)}")
+    try:
+        args.thread_list = [int(t) for t in str(args.threads).split(",") if t]
+    except ValueError:
+        raise SystemExit(f"--threads must be comma-separated integers >= 1; got {args.threads!r}") from None
+    if not args.thread_list or min(args.thread_list) < 1:
+        raise SystemExit(f"--threads must be comma-separated integers >= 1; got {args.threads!r}")
+    args.threads = args.thread_list[0]
     return args
 
 

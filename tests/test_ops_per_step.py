@@ -1,0 +1,91 @@
+"""A non-logging step adds at most 40 tensor ops to a training iteration, whatever the model's depth.
+
+Every tensor op is a kernel launch on a GPU (a few microseconds each) and microseconds of dispatch on
+a CPU, so the per-step cost of leaving gradwatch on is decided by how many ops ``step()`` dispatches
+on the steps that log nothing. Counted with a ``TorchDispatchMode`` (every ATen op, views included):
+one full iteration (forward, backward, ``monitor.step``, ``optimizer.step``) with the monitor, minus
+the same iteration without it, on a shallow and a deep model with the default detectors and
+``on_nonfinite`` at its default. A change that adds per-layer (or just many) ops to the per-step
+path fails here.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch as gw
+
+MAX_OPS = 40
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen op dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def mlp(depth: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(16, 2))
+
+
+def iteration_ops(depth: int, monitored: bool, *, pass_loss: bool) -> collections.Counter[str]:
+    """Ops of one non-logging iteration (the 4th step; log_every=10 logs step 0 only)."""
+    torch.manual_seed(0)
+    model = mlp(depth)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = gw.GradWatch(model, sinks=[], on_alert="ignore") if monitored else None
+    x, y = torch.randn(8, 16), torch.randn(8, 2)
+
+    def one() -> None:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if monitor is not None:
+            monitor.step(loss=loss if pass_loss else None, optimizer=opt if pass_loss else None)
+        opt.step()
+
+    for _ in range(3):
+        one()
+    with OpCounter() as counter:
+        one()
+    if monitor is not None:
+        assert monitor.step_count == 4
+        monitor.close()
+    return counter.ops
+
+
+@pytest.mark.parametrize("pass_loss", [False, True], ids=["step()", "step(loss=, optimizer=)"])
+@pytest.mark.parametrize("depth", [2, 48], ids=["shallow", "deep"])
+def test_non_logging_step_adds_at_most_40_ops(depth: int, pass_loss: bool) -> None:
+    bare = iteration_ops(depth, False, pass_loss=pass_loss)
+    watched = iteration_ops(depth, True, pass_loss=pass_loss)
+    added = sum(watched.values()) - sum(bare.values())
+    extra = watched - bare
+    assert added <= MAX_OPS, f"{added} ops added per step: {extra.most_common()}"
+    assert added == sum(extra.values())  # the monitor adds ops, it removes none from the iteration
+
+
+def test_the_same_ops_whatever_the_depth() -> None:
+    def added(depth: int) -> collections.Counter[str]:
+        return iteration_ops(depth, True, pass_loss=True) - iteration_ops(depth, False, pass_loss=True)
+
+    assert added(2) == added(48)  # op by op: nothing on the per-step path is per layer
