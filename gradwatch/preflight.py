@@ -508,12 +508,15 @@ def _report(
     by_name = {r.name: r for r in rows}
     alerts = [a for a in monitor.alerts if not _transient_zero(a, by_name, facts)]
     label = _optimizer_label(opt) if opt is not None else None
-    if label is not None:
+    # Divergence only where the gradients themselves showed nothing: when they did (an oversized init,
+    # unnormalised inputs), the monitor's alert already names the cause, ranked by the evidence.
+    if label is not None and not any(a.kind in (schema.EXPLODING, schema.NONFINITE) for a in alerts):
         div = _divergence(trace, label, facts)
         if div is not None:
             alerts.append(div)
+    # First seen first: the earliest finding is the likeliest cause (an explosion before its Inf).
     order = {r.name: i for i, r in enumerate(rows)}
-    alerts.sort(key=lambda a: (_SEVERITY_RANK.get(a.severity, 3), a.step, order.get(a.layer or "", len(order))))
+    alerts.sort(key=lambda a: (a.step, _SEVERITY_RANK.get(a.severity, 3), order.get(a.layer or "", len(order))))
     x = _first_float(inputs)
     return PreflightReport(
         model=type(model).__name__,

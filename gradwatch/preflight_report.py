@@ -71,7 +71,8 @@ class PreflightReport:
             such as token ids).
         losses: the loss at each step.
         layers: one :class:`LayerRow` per module, in forward order.
-        alerts: the findings, worst first (errors, then warnings; then by step and forward order),
+        alerts: the findings, first seen first (by step, then errors before warnings, then in
+            forward order: the earliest is the likeliest cause),
             each with the ranked remedies of a training alert.
         optimizer: the optimizer's class name and first learning rate (``None`` without one).
         seconds: wall-clock time of the pre-flight.
@@ -94,7 +95,7 @@ class PreflightReport:
 
     @property
     def kinds(self) -> list[str]:
-        """The distinct alert kinds, worst first."""
+        """The distinct alert kinds, in the order of :attr:`alerts`."""
         return list(dict.fromkeys(a.kind for a in self.alerts))
 
     def layer(self, name: str) -> LayerRow:

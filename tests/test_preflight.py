@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _models import PreLNTransformer, SmallResNet, batch, loss_of
+from _models import mlp as _models_mlp
 from test_scenarios import HEALTHY
 from torch import nn
 
@@ -321,6 +322,20 @@ def test_layer_the_loss_never_reaches():
     # Left out of the optimizer: not trained, so not a finding.
     opt = torch.optim.SGD(model.body.parameters(), lr=0.01)
     assert preflight(model, data, nn.functional.mse_loss, optimizer=opt).ok
+
+
+def test_fast_explosion_names_the_cause_before_the_inf():
+    # 20 ReLU layers at 3x the He std: the total norm is ~1e10 at step 0 and one SGD step later it is Inf.
+    torch.manual_seed(0)
+    model = _models_mlp(20, 64, nn.ReLU, init=lambda w: nn.init.normal_(w, std=3 * math.sqrt(2 / w.shape[1])))
+    x = torch.randn(64, 32)
+    y = (x[:, 0] > 0).long()
+    report = preflight(model, (x, y), nn.functional.cross_entropy, optimizer=torch.optim.SGD(model.parameters(), 0.01))
+    # After the first (huge) update: Inf in the gradients, and the ReLUs behind the exploded layers dead.
+    assert [(a.kind, a.step) for a in report.alerts] == [("exploding", 0), ("nonfinite", 1), ("dead", 1)]
+    assert report.alerts[0].remedies[0].startswith("Initialise ")  # the oversized init, not the numerics
+    # No divergence finding on top: the gradients already explained it, with their own remedies.
+    assert not any(a.message.startswith("Divergence") for a in report.alerts)
 
 
 class _LogOfNegative(nn.Module):
