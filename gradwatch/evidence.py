@@ -63,6 +63,9 @@ UPDATE_SAMPLE = 1024
 #: for a cosine between consecutive gradients to within ~0.05 (1/sqrt(256) per tensor, averaged over
 #: the tensors), only on loops whose gradient tensors persist across steps.
 CARRY_SAMPLE = 256
+#: A non-finite step at most this many steps after an ``exploding`` finding is where that explosion ended
+#: (the detectors' persistence: an explosion that outruns it overflows within as many steps).
+AFTER_EXPLODING = 3
 
 
 def _float(x: Any) -> float | None:
@@ -607,6 +610,7 @@ class Evidence:
         self._unreached: Tensor | None = None
         self._last = EvidenceSnapshot()
         self._g2p: dict[str, float] = {}
+        self._exploded: list[int] = []  # steps of recent exploding findings (host)
 
     def bind(self, layers: Sequence[Layer], device: torch.device) -> None:
         """The layers in forward order and the statistics' device (at the monitor's first step)."""
@@ -776,6 +780,28 @@ class Evidence:
             batch_size=self.input.batch_size if self.input is not None else None,
         )
         return m
+
+    def relate(self, findings: Sequence[Any]) -> list[Any]:
+        """A non-finite step within :data:`AFTER_EXPLODING` steps after an ``exploding`` finding ends that explosion:
+        its finding then names it (message and ``prior_growth`` evidence), so its remedies rank the explosion's
+        causes (init, learning rate, inputs) before the numerics."""
+        from dataclasses import replace
+
+        self._exploded.extend(f.step for f in findings if f.kind == "exploding")
+        self._exploded = sorted(set(self._exploded))[-8:]
+        out = []
+        for f in findings:
+            if f.kind == "nonfinite":
+                before = [s for s in self._exploded if f.step - AFTER_EXPLODING <= s <= f.step]
+                if before and not any(k == "prior_growth" for k, _ in f.evidence):
+                    s = before[0]
+                    f = replace(
+                        f,
+                        message=f"{f.message} It ends the explosion reported at step {s} (`exploding`).",
+                        evidence=(*f.evidence, ("prior_growth", float("inf")), ("exploding_step", float(s))),
+                    )
+            out.append(f)
+        return out
 
     def snapshot(self, finding_evidence: Sequence[tuple[str, float]] = ()) -> EvidenceSnapshot:
         """The evidence as of the last logging step, with a finding's own figures."""

@@ -334,7 +334,7 @@ class GradWatch:
             return []
         out = Readout(self._stats_device)
         self._register_watchers(out)
-        return self._channels.emit(self._collect_findings(out.read()), self.history)
+        return self._channels.emit(self._evidence.relate(self._collect_findings(out.read())), self.history)
 
     def close(self) -> None:
         """Remove every hook, emit pending alerts, flush and close the sinks (idempotent)."""
@@ -535,7 +535,7 @@ class GradWatch:
         m.update(self._evidence.absorb(
             ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host, param_norm=values["m/param_norm"]
         ))
-        findings = self._collect_findings(values)
+        findings = self._evidence.relate(self._collect_findings(values))
         if is_rank_zero():
             self.sinks.metrics(m, stats.step)
         self.history.append({"step": float(stats.step), **m})

@@ -479,7 +479,8 @@ def remedies_for(
         if facts.vanilla_rnn:
             r.add(4, _rnn_fix(facts))
         r.add(3, _clip_remedy(typical_norm))
-        r.add(2, "Lower the learning rate, or add a warm-up: large updates feed larger gradients.")
+        if not c.lr_high:
+            r.add(2, "Lower the learning rate, or add a warm-up: large updates feed larger gradients.")
         r.add(1.8, (
             "Check the loss scale: normalise inputs and regression targets to unit variance (a target of ~1000 "
             "makes MSE gradients ~1000x larger)."
@@ -535,7 +536,8 @@ def remedies_for(
             r.add(4.5, c.inputs_high)
         units = facts.relu or ["the ReLU modules"]
         r.add(3, f"Replace {_names(units)} with nn.LeakyReLU(0.01) or nn.GELU, whose gradient is never exactly zero.")
-        r.add(2, "Lower the learning rate: one large update can push a unit's input below zero for every sample.")
+        if not c.lr_high:
+            r.add(2, "Lower the learning rate: one large update can push a unit's input below zero for every sample.")
         r.add(1.5, "Initialise with He init and zero (not negative) biases.")
         if not facts.norms:
             r.add(1, _NORM_FIX)

@@ -79,7 +79,15 @@ class WindowedChecks(Detector):
         conds, values = self.conditions(rows, param_norm)
         cond = torch.cat([c.reshape(len(rows), -1) for c in conds], 1)
         value = torch.cat([v.reshape(len(rows), -1).to(torch.float32) for v in values], 1)
-        self.checks.update_window(cond, value, window_steps(rows, ctx.device))
+        imm = self.immediates(len(rows))
+        immediate = None if imm is None else torch.cat([i.reshape(len(rows), -1) for i in imm], 1)
+        self.checks.update_window(cond, value, window_steps(rows, ctx.device), immediate=immediate)
+
+    def immediates(self, steps: int) -> list[Tensor] | None:
+        """Per source, bool ``[T, width]``: entries so far past their threshold that they fire on the step
+        they are seen (severity-scaled persistence), for the window :meth:`conditions` just evaluated;
+        ``None``: every condition needs its streak."""
+        return None
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per source (``sources`` order): bool ``[T, width]`` conditions and ``[T, width]`` values."""

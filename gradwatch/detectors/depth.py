@@ -26,6 +26,11 @@ __all__ = ["Exploding", "Vanishing"]
 # Weights whose RMS is below this are treated as deliberately zero-initialised (LoRA's B,
 # zero-init residual branches, zero-init heads): a gradient-to-weight ratio means nothing there.
 _ZERO_WEIGHT_RMS = 1e-6
+# Severity-scaled persistence: a condition 1e4x (four orders of magnitude) past its threshold fires at once.
+_FAR = 1e4
+# One step's growth of the total norm that no healthy run shows (healthy: < 3x per step, spikes aside).
+_FAST_GROWTH = 10.0
+_F32_MAX = 3.4e38
 
 
 def relative_to_weights(
@@ -205,6 +210,18 @@ class Exploding(WindowedChecks):
       like a spike (a linear model under SGD at 6x its stable learning rate: 0.9 -> 3e6 in 90
       steps); healthy runs' norms drift by a few x, and fall rather than rise as training
       converges. Four orders of magnitude leave a wide margin.
+    * ``overflow``: the explosion outruns the persistence. It holds on a step whose total norm,
+      growing at this step's rate, reaches float32's overflow (3.4e38) within ``persist`` steps, and
+      on a non-finite step that follows fast growth (>= 10x in one step: healthy norms move by less
+      than 3x) or a step where another exploding condition held: that Inf is where the explosion
+      ends, so ``exploding`` is raised no later than ``nonfinite``. Fires on the step it is seen.
+
+    Severity-scaled persistence: ``depth``, ``ratio`` and ``total`` fire on the step they are seen when
+    four orders of magnitude past their threshold (``ratio`` > 5e5 with the default: 2.5e5x what healthy
+    layers show; one SGD step at any learning rate above 2e-6 then moves the weights by more than their
+    own norm, so waiting for the streak only lets the explosion destroy the weights and reach Inf first).
+    A transient of the size a spike shows (a loss x1e4 for one step gives ||g||/||w|| up to ~2e4) stays
+    below it and keeps its streak, as does any borderline condition.
 
     Args:
         depth_ratio: threshold on early/late gradient RMS.
@@ -214,7 +231,7 @@ class Exploding(WindowedChecks):
         persist: consecutive steps a condition must hold.
     """
 
-    sources = (("depth", False), ("ratio", True), ("total", False), ("growth", False))
+    sources = (("depth", False), ("ratio", True), ("total", False), ("growth", False), ("overflow", False))
 
     def __init__(
         self,
@@ -238,7 +255,12 @@ class Exploding(WindowedChecks):
         # Sum and count of the log total norms of the first growth_warmup usable steps.
         self.state.add_state("growth_ref.sum", lambda dev: torch.zeros((), device=dev))
         self.state.add_state("growth_ref.count", lambda dev: torch.zeros((), device=dev))
+        # The last step of the previous window: its total norm, growth rate, and whether a check held.
+        self.state.add_state("last.total", lambda dev: torch.full((1,), float("nan"), device=dev))
+        self.state.add_state("last.rate", lambda dev: torch.zeros(1, device=dev))
+        self.state.add_state("last.held", lambda dev: torch.zeros(1, dtype=torch.bool, device=dev))
         self.state.bind(ctx.device)
+        self._imm: list[Tensor] | None = None
 
     def _growth(self, total: Tensor) -> tuple[Tensor, Tensor]:
         """Per step: whether the total norm is ``growth`` times its early level, and by how much.
@@ -278,7 +300,40 @@ class Exploding(WindowedChecks):
         pn = (param_norm * present).square().sum(1).sqrt()
         whole = total / pn.clamp_min(TINY)
         over = torch.isfinite(total) & (pn > 0) & (whole > self.max_ratio)
-        return [depth[0], high, over, grow], [depth[1], ratio, whole, grow_value]
+        overflow, rate = self._overflow(total, depth[0] | high.any(-1) | over | grow)
+        # Severity-scaled persistence: 1e4x past the threshold fires on the step it is seen.
+        far = math.log(_FAR)
+        self._imm = [
+            depth[0] & (log_r > math.log(self.depth_ratio) + far) if self._profile.enabled else depth[0],
+            high & (ratio > self.max_ratio * _FAR),
+            over & (whole > self.max_ratio * _FAR),
+            torch.zeros_like(grow),
+            overflow,
+        ]
+        return [depth[0], high, over, grow, overflow], [depth[1], ratio, whole, grow_value, rate]
+
+    def immediates(self, steps: int) -> list[Tensor] | None:
+        imm, self._imm = self._imm, None
+        return imm
+
+    def _overflow(self, total: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
+        """Per step: the explosion outruns the persistence (see the class docstring), and the growth rate."""
+        st = self.state
+        finite = torch.isfinite(total) & (total > 0)
+        prev = torch.cat([st["last.total"], total[:-1]])
+        prev_ok = torch.isfinite(prev) & (prev > 0)
+        rate = torch.where(finite & prev_ok, total / prev.clamp_min(TINY), 0.0)
+        prev_rate = torch.cat([st["last.rate"], rate[:-1]])
+        prev_held = torch.cat([st["last.held"], held[:-1]])
+        # log(total) + persist * log(rate) >= log(float32 max): Inf within the persistence window at this rate.
+        to_inf = finite & (rate > 1) & (
+            total.clamp_min(TINY).log() + self.persist * rate.clamp_min(1).log() >= math.log(_F32_MAX)
+        )
+        after_growth = ~torch.isfinite(total) & ((prev_rate >= _FAST_GROWTH) | prev_held)
+        st["last.total"] = total[-1:]
+        st["last.rate"] = rate[-1:]
+        st["last.held"] = held[-1:]
+        return to_inf | after_growth, torch.where(finite, rate, prev_rate)
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
@@ -332,6 +387,26 @@ class Exploding(WindowedChecks):
                     "warning",
                     f"Exploding gradients at step {f.step}: the total gradient norm has grown to {fmt(f.value)}x its "
                     f"level over the first {self.growth_warmup} steps (threshold {fmt(self.growth)}).",
+                )
+            )
+        for f in fired["overflow"]:
+            how = (
+                f"the total gradient norm grew {fmt(f.value)}x in one step, a rate that overflows float32 (Inf/NaN) "
+                f"within {self.persist} steps or already has"
+                if f.value >= _FAST_GROWTH
+                else "the gradients, exploding at the step before, overflowed to Inf/NaN"
+            )
+            out.append(
+                Finding(
+                    "exploding",
+                    "overflow",
+                    f.step,
+                    None,
+                    f.value,
+                    _FAST_GROWTH,
+                    "error",
+                    f"Exploding gradients at step {f.step}: {how}; too fast to wait for {self.persist} steps.",
+                    evidence=(("prior_growth", max(f.value, _FAST_GROWTH)),),
                 )
             )
         for f in fired["total"]:
