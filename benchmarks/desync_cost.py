@@ -1,6 +1,6 @@
 """What the desync check costs and how far float32 rounding moves a fingerprint (CPU).
 
-Usage: python benchmarks/desync_cost.py [--threads N]
+Usage: python benchmarks/desync_cost.py [--threads N] [--json PATH]
 
 1. Rounding: the float32 fingerprint (norm and the ``K`` projections) of a random ``n``-element
    weight against the same fingerprint computed in float64, relative to the weight's norm: what
@@ -9,6 +9,8 @@ Usage: python benchmarks/desync_cost.py [--threads N]
    fingerprint of parameters and gradients, the one ``all_gather``, the comparison; against a
    training step (forward, backward, SGD step) of the same model, an MLP of width 1024 and depth 12
    (12.6 M parameters) on a batch of 64.
+3. Detection margin: the relative parameter difference the check sees after rank 1 alone skips one
+   optimizer step (cross-entropy; SGD lr 1e-3 and 0.1, AdamW lr 1e-4).
 """
 
 from __future__ import annotations
@@ -100,29 +102,57 @@ def _worker(rank: int, out_dir: str) -> dict[str, float]:
         t0 = time.perf_counter()
         train_step()
         timings["train_step"].append(time.perf_counter() - t0)
-    res = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in timings.items()}  # median, ms
+    res: dict[str, float] = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in timings.items()}  # median, ms
+    # What one step of different updates does: rank 1 alone skips one optimizer step (from the same
+    # replicated weights, a cross-entropy over 10 classes); the next check's parameter difference.
+    labels = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(0))
+    for name, make in (("sgd_lr1e-3", lambda ps: torch.optim.SGD(ps, lr=1e-3)),
+                       ("sgd_lr0.1", lambda ps: torch.optim.SGD(ps, lr=0.1)),
+                       ("adamw_lr1e-4", lambda ps: torch.optim.AdamW(ps, lr=1e-4))):
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p, 0)
+        o = make(model.parameters())
+        for step in range(2):
+            nn.functional.cross_entropy(ddp(x)[:, :10], labels).backward()
+            if step == 1:
+                check.check(100)
+                assert check.last is not None and max(check.last.param_rel) == 0.0
+            if not (rank == 1 and step == 1):
+                o.step()
+            o.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(ddp(x)[:, :10], labels).backward()
+        check.check(101)
+        assert check.last is not None
+        res[f"one_skipped_step_rel_{name}"] = max(check.last.param_rel)
+        o.zero_grad(set_to_none=True)
     res["params"] = float(sum(p.numel() for p in model.parameters()))
     res["payload_floats"] = float(mine.numel())
     res["projection_floats"] = float(check.projection_floats)
-    res["largest"] = check.largest
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     os.environ["DESYNC_THREADS"] = str(args.threads)
     import tempfile
 
     import dist_common as C
 
-    print(json.dumps({"rounding": rounding()}, indent=1))
+    out: dict[str, object] = {"rounding": rounding()}
     with tempfile.TemporaryDirectory() as d:
         C.run(_worker, d)
-        res = json.load(open(os.path.join(d, "rank0.json")))
-    print(json.dumps({"cost_ms_median_rank0": res, "threads_per_rank": args.threads, "torch": torch.__version__},
-                     indent=1))
+        with open(os.path.join(d, "rank0.json"), encoding="utf-8") as fh:
+            out["cost_ms_median_rank0"] = json.load(fh)
+    out.update(threads_per_rank=args.threads, torch=torch.__version__, model=f"MLP {DEPTH}x{WIDTH}, batch {BATCH}")
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":
