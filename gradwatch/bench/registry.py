@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gradwatch.bench.expectations import check_categories
@@ -111,7 +111,6 @@ class Case:
     scored_kinds: tuple[str, ...] | None = None
     subprocess: bool = False
     timeout_s: float = 120.0
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def control(self) -> bool:

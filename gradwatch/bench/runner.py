@@ -71,8 +71,9 @@ class CaseResult:
             return _kinds(self.trials[0].alerts) or "none"
         kind = self.case.expect
         raised = sum(any(a.kind == kind for a in t.alerts) for t in self.trials)
-        faulty = sum(t.expect is not None for t in self.trials)
-        right = sum(_judge_trial(t, t.expect, self.case.scored_kinds)[0] for t in self.trials)
+        expects = [t.expect if t.oracle else kind for t in self.trials]
+        faulty = sum(e is not None for e in expects)
+        right = sum(_judge_trial(t, e, self.case.scored_kinds)[0] for t, e in zip(self.trials, expects))
         return f"{kind} on {raised}/{len(self.trials)} seeds (oracle: {faulty} died); {right}/{len(self.trials)} right"
 
     def to_dict(self) -> dict[str, Any]:
