@@ -597,7 +597,10 @@ class GradWatch:
         if not params:
             return
         held = sum(id(p) in owned for p in params)
-        if held == 0:
+        # An optimizer over this model's frozen parameters only is a training bug, not a wrong argument: the
+        # `no_gradient` alert (source "inert") reports it with its remedy.
+        frozen_only = held == 0 and any(id(p) in owned for p in self.model.parameters() if not p.requires_grad)
+        if held == 0 and not frozen_only:
             raise ValueError(
                 f"`optimizer` ({_name(optimizer)}) holds none of the {len(params)} trainable parameters of "
                 f"{_name(self.model)}: it would never apply the gradients gradwatch watches. Build it over "

@@ -143,6 +143,10 @@ class Vanishing(WindowedChecks):
             none = torch.zeros(len(rows), dtype=torch.bool, device=grad_sq.device)
             depth = (none, none.to(torch.float32))
         zero = present & self._weight & (grad_sq == 0)
+        if any(ev.unreached is not None for ev in rows):
+            # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
+            none = torch.zeros_like(self._weight)
+            zero = zero & ~stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else none)
         ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
         low = valid & self._weight & (ratio < self.min_ratio) & (grad_sq > 0)
         return [depth[0], zero, low], [depth[1], grad_sq, ratio]
