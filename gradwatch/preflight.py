@@ -74,7 +74,13 @@ log = logging.getLogger("gradwatch")
 # sign-like step, SGD with momentum: 1.2-1.3x, then fall; measured on the test suite's models at
 # lr 1e-3..1e-1), and dropout's mask noise stays far below 2x.
 DIVERGENCE_FACTOR = 2.0
-_SEVERITY_RANK = {schema.ERROR: 0, schema.WARNING: 1, schema.INFO: 2}
+# Findings are listed first seen first: the earliest is the likeliest cause. Within a step, the kinds
+# that cause others come first: an explosion before the Inf it produces, dead or saturated units
+# before the vanishing gradient of the layers below them, a layer the loss never reaches last but one.
+_CAUSE_RANK = {
+    k: i for i, k in enumerate((schema.EXPLODING, schema.NONFINITE, schema.DEAD, schema.SATURATED, schema.NO_GRADIENT,
+                                schema.VANISHING))
+}
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
@@ -514,9 +520,8 @@ def _report(
         div = _divergence(trace, label, facts)
         if div is not None:
             alerts.append(div)
-    # First seen first: the earliest finding is the likeliest cause (an explosion before its Inf).
     order = {r.name: i for i, r in enumerate(rows)}
-    alerts.sort(key=lambda a: (a.step, _SEVERITY_RANK.get(a.severity, 3), order.get(a.layer or "", len(order))))
+    alerts.sort(key=lambda a: (a.step, _CAUSE_RANK.get(a.kind, len(_CAUSE_RANK)), order.get(a.layer or "", len(order))))
     x = _first_float(inputs)
     return PreflightReport(
         model=type(model).__name__,

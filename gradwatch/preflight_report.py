@@ -71,8 +71,9 @@ class PreflightReport:
             such as token ids).
         losses: the loss at each step.
         layers: one :class:`LayerRow` per module, in forward order.
-        alerts: the findings, first seen first (by step, then errors before warnings, then in
-            forward order: the earliest is the likeliest cause),
+        alerts: the findings, first seen first (the earliest is the likeliest cause); within a step
+            an explosion before its non-finite values, dead or saturated units before vanishing
+            gradients, then in forward order;
             each with the ranked remedies of a training alert.
         optimizer: the optimizer's class name and first learning rate (``None`` without one).
         seconds: wall-clock time of the pre-flight.

@@ -280,8 +280,8 @@ def test_saturation_and_xavier_scheme():
     assert tanh.saturated == 1.0 and tanh.dead is None
     assert report.layer("2").init_expected == pytest.approx(math.sqrt(2.0 / 9))  # Xavier: fan_in 8, fan_out 1
     assert report.layer("2").init_scheme == "Xavier"
-    # 100% of the tanh outputs pinned, so almost no gradient below them; findings in forward order.
-    assert [(a.kind, a.layer) for a in report.alerts] == [("vanishing", "0"), ("saturated", "1")]
+    # 100% of the tanh outputs pinned, so almost no gradient below them: the cause is listed first.
+    assert [(a.kind, a.layer) for a in report.alerts] == [("saturated", "1"), ("vanishing", "0")]
     with pytest.raises(KeyError, match=r"^\"no layer 'x' in this report; layers: 0, 1, 2\"$"):
         report.layer("x")
 
