@@ -32,17 +32,18 @@ the host and reaches the same verdict. Nothing runs on other steps.
   transformer -- 0.16 % of its float32 weights.
 * **Tolerance.** DDP replicas are bit-identical (the all-reduce hands every rank the same bits;
   the optimizer then runs the same kernels on the same values), and so are their fingerprints: the
-  healthy runs of the test suite measure a difference of exactly 0. The tolerance only absorbs
-  float32 rounding that may differ between ranks (another GPU model, a non-deterministic kernel,
-  an all-reduce whose summation order differs per rank): a float32 sum of ``n`` terms rounded in
-  a different order moves by ~``sqrt(log2 n) * eps32`` relative to its scale (random rounding over
-  a blocked/pairwise reduction of depth ``log2 n``), ~``6e-7`` for ``n = 2^26``; summing ``W``
-  rank contributions in a different order moves a gradient by ~``sqrt(W) * eps32`` (~``4e-6``
-  for 1024 ranks). :data:`REL_TOL` = ``2^-16`` ~ ``1.5e-5`` (128 float32 ulps) sits above both. A
-  real desync is far above it: one SGD step of different gradients moves the replicas apart by
-  the update-to-weight ratio (``lr * ||g_r - g||/||W||``, typically 1e-4..1e-2), and the gradients
-  of the ``ddp.module`` bug differ by O(1) relative (each rank's own batch); the tests measure
-  both.
+  healthy runs of the test suite (DDP, HSDP, Lightning) measure a difference of exactly 0. The
+  tolerance only absorbs float32 rounding that may differ between ranks (another GPU model, a
+  non-deterministic kernel, an all-reduce whose summation order differs per rank). A fingerprint
+  computed in float32 moves from its float64 value by at most 6e-7 of the norm for 2^16..2^26
+  elements (``benchmarks/desync_cost.py``: ~``sqrt(log2 n) * eps32``, random rounding over blocked
+  reductions), so two summation orders differ by ~1e-6; summing ``W`` rank contributions in
+  another order moves a gradient by ~``sqrt(W) * eps32`` (~4e-6 for 1024 ranks).
+  :data:`REL_TOL` = ``2^-16`` ~ 1.5e-5 (128 float32 ulps) sits above both. A real desync is far
+  above it: one step of different updates moves the replicas apart by the update-to-weight ratio
+  (``lr * ||g_r - g|| / ||W||``, typically 1e-4..1e-2 and growing every step), and the gradients of
+  the ``ddp.module`` bug differ by O(1) relative (each rank's own batch); the tests measure 0.24 and
+  1.3 on their small MLP.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ from gradwatch.layers import Layer
 from gradwatch.schema import DESYNC, ERROR
 
 # 128 float32 ulps (2^-16 ~ 1.5e-5): above the rounding that may legitimately differ between
-# replicas (~sqrt(log2 n) * eps32 ~ 6e-7 for a 2^26-element tensor; ~sqrt(W) * eps32 ~ 4e-6 for an
-# all-reduce over 1024 ranks in another order), below one optimizer step of different gradients
-# (update-to-weight ratios 1e-4..1e-2). See the module docstring.
+# replicas (a float32 fingerprint is within 6e-7 of its float64 value up to 2^26 elements, measured;
+# ~sqrt(W) * eps32 ~ 4e-6 for an all-reduce over 1024 ranks in another order), below one optimizer
+# step of different updates (update-to-weight ratios 1e-4..1e-2). See the module docstring.
 REL_TOL = 2.0**-16
 PROJECTIONS = 4  # rank-one projections: 10x the tolerance escapes all four in 0.3 % of rank-one cases
 _SEED = 0x6D5EED  # fixed: every rank draws the same projection vectors
@@ -71,6 +72,7 @@ _MAX_NAMES = 8  # layers named in a message before "and N more"
 SOURCE_GRAD = "grad"  # the gradients differ: the gradient reduction did not run
 SOURCE_UNSHARDED = "grad_unsharded"  # the same, for plain parameters beside FSDP2-managed ones
 SOURCE_PARAM = "param"  # the gradients agree but the parameters differ: the updates differed
+SOURCE_START = "param_start"  # the parameters differ at the monitor's first comparison: different starts
 SOURCE_STEP = "step"  # the ranks are not at the same step
 
 
@@ -388,6 +390,7 @@ class DesyncCheck:
             f"{worst:.2e} in layer {names[0]} (float32 tolerance {self.rtol:.1e})."
         )
         unsharded = grads and self.sharding and all(i in self._plain_layers for i in differing)
+        start = not grads and self.checks <= 1
         if unsharded:
             tail = (
                 " These layers are outside every fully_shard call, so FSDP2 never reduces their gradients: every "
@@ -398,6 +401,12 @@ class DesyncCheck:
                 " The gradients were not reduced across ranks before the step (a forward through ddp.module "
                 "instead of the DDP wrapper, or a no_sync() left on), so every rank trains its own copy of the model."
             )
+        elif start:
+            tail = (
+                " Their gradients agree and this is the first comparison, before any update the monitor saw: the "
+                "ranks started from different weights (initialisation without a broadcast, a checkpoint loaded on "
+                "one rank only); every rank trains its own copy of the model."
+            )
         else:
             tail = (
                 " Their gradients agree, so the updates differed: a rank skipped or repeated an optimizer step, or "
@@ -407,7 +416,9 @@ class DesyncCheck:
         return [
             Finding(
                 kind=DESYNC,
-                source=SOURCE_UNSHARDED if unsharded else SOURCE_GRAD if grads else SOURCE_PARAM,
+                source=(
+                    SOURCE_UNSHARDED if unsharded else SOURCE_GRAD if grads else SOURCE_START if start else SOURCE_PARAM
+                ),
                 step=step,
                 layer=None,
                 value=float(worst),
@@ -424,7 +435,8 @@ def remedies(source: str | None) -> tuple[str, ...]:
 
     ``"grad"``: the gradients differ (the DDP reduction did not run); ``"grad_unsharded"``: the
     gradients of plain parameters beside FSDP2-managed ones differ; ``"param"``: the gradients agree
-    but the parameters differ; ``"step"``: the ranks are at different steps.
+    but the parameters differ; ``"param_start"``: the same at the monitor's first comparison (the
+    ranks started apart); ``"step"``: the ranks are at different steps.
     """
     if source == SOURCE_UNSHARDED:
         return (
@@ -456,4 +468,6 @@ def remedies(source: str | None) -> tuple[str, ...]:
         "(DDP does at construction; a module created or loaded after wrapping is not broadcast), and load "
         "checkpoints on every rank."
     )
-    return (fwd, sync, step, init) if source == SOURCE_GRAD else (step, init, fwd)
+    if source == SOURCE_GRAD:
+        return (fwd, sync, step, init)
+    return (init, step, fwd) if source == SOURCE_START else (step, init, fwd)

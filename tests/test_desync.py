@@ -148,9 +148,9 @@ def test_compare_only_within_replica_groups() -> None:
     assert cmp.param_ranks == () and cmp.param_rel == [0.0]
 
 
-def _finding(gathered: torch.Tensor, names: list[str], layer_of: list[int], world: int) -> list[Any]:
+def _finding(gathered: torch.Tensor, names: list[str], layer_of: list[int], world: int, checks: int = 5) -> list[Any]:
     check = D.DesyncCheck([])
-    check.layer_names, check.world = names, world
+    check.layer_names, check.world, check.checks = names, world, checks
     cmp = D.compare(gathered, [(0,) * world] * len(layer_of), layer_of, len(names), check.rtol)
     return check.findings(cmp, 40)
 
@@ -176,6 +176,19 @@ def test_finding_names_layers_worst_first_with_the_ranks_and_the_cause() -> None
     )
     assert remedies_for("desync", inspect_model(nn.Linear(2, 2)), source=f.source) == D.remedies("param")
     assert D.remedies("param")[0].startswith("Make every rank take every optimizer step")
+
+
+def test_parameters_apart_at_the_first_comparison_point_at_the_start() -> None:
+    g = _gather(2, 1, step=0)
+    g[_at(g, 1, 0, 0, 0)] += 0.5
+    (f,) = _finding(g, ["fc"], [0], 2, checks=1)
+    assert f.source == "param_start"
+    assert f.message.endswith(
+        "Their gradients agree and this is the first comparison, before any update the monitor saw: the ranks "
+        "started from different weights (initialisation without a broadcast, a checkpoint loaded on one rank "
+        "only); every rank trains its own copy of the model."
+    )
+    assert D.remedies("param_start")[0].startswith("Start every rank from the same weights")
 
 
 def test_finding_for_ranks_at_different_steps() -> None:
