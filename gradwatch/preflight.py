@@ -342,8 +342,19 @@ class _Trace:
     init: dict[str, tuple[float, float, str]]  # weight std, He/Xavier std, scheme: read before any update
 
 
-def _param_norms(layers: list[Layer]) -> dict[str, Tensor]:
-    return {x.name: torch.cat([p.detach().reshape(-1).float() for p in x.params]).clone() for x in layers}
+def _flat(layer: Layer) -> Tensor:
+    """The layer's parameters as one float32 vector (a copy)."""
+    return torch.cat([p.detach().reshape(-1).float() for p in layer.params])
+
+
+def _update_ratios(layers: list[Layer], before: list[Tensor]) -> dict[str, float]:
+    """``||w1 - w0|| / ||w0||`` per layer, leaving out zero-initialised ones (no scale to compare with)."""
+    out = {}
+    for layer, w0 in zip(layers, before):
+        n0 = float(w0.norm())
+        if n0 > 1e-6 * math.sqrt(w0.numel()):
+            out[layer.name] = float((_flat(layer) - w0).norm()) / n0
+    return out
 
 
 def run_preflight(
@@ -416,14 +427,10 @@ def _steps(
             for layer, r in schema.per_layer(metrics, schema.TIME_GRAD_RATIO).items():
                 trace.time_ratio.setdefault(layer, r)
             if opt is not None:
-                before = _param_norms(layers) if step == 0 else None
+                before = [_flat(x) for x in layers] if step == 0 else None
                 opt.step()
                 if before is not None:
-                    after = _param_norms(layers)
-                    for name, w0 in before.items():
-                        n0 = float(w0.norm())
-                        if n0 > 1e-6 * math.sqrt(w0.numel()):  # zero-initialised: no scale to compare with
-                            trace.update_ratio[name] = float((after[name] - w0).norm()) / n0
+                    trace.update_ratio = _update_ratios(layers, before)
             for p in twin.parameters():
                 p.grad = None
     finally:
