@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,7 +76,7 @@ log = logging.getLogger("gradwatch")
 DIVERGENCE_FACTOR = 2.0
 # Findings are listed first seen first: the earliest is the likeliest cause. Within a step, the kinds
 # that cause others come first: an explosion before the Inf it produces, dead or saturated units
-# before the vanishing gradient of the layers below them, a layer the loss never reaches last but one.
+# before the vanishing gradient of the layers below them; vanishing, most often a consequence, last.
 _CAUSE_RANK = {
     k: i for i, k in enumerate((schema.EXPLODING, schema.NONFINITE, schema.DEAD, schema.SATURATED, schema.NO_GRADIENT,
                                 schema.VANISHING))
@@ -243,9 +243,9 @@ def _copy_optimizer(optimizer: torch.optim.Optimizer, memo: Mapping[int, Any]) -
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": params})
     # Only the defaults the constructor takes (AdamW keeps `decoupled_weight_decay` in its defaults
     # but does not accept it); the groups carry every hyper-parameter anyway.
-    params = inspect.signature(type(optimizer).__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in params}
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in accepted.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in accepted}
     twin_opt = type(optimizer)(groups, **defaults)
     # A deep copy first: load_state_dict keeps same-device tensors as they are, and the copy's steps
     # would then update the user's moments in place.
@@ -311,10 +311,11 @@ class _SignalProbe:
 
 
 def _init_scale(module: nn.Module, facts: ModelFacts) -> tuple[float, float, str] | None:
-    """(std, He/Xavier std, scheme) of a Linear/Conv weight, the scheme fitting the model's activations.
+    """(std, expected std, scheme) of a Linear/Conv weight, for the scheme that fits the model's activations.
 
-    The same rule as :func:`gradwatch.remedies.inspect_model`'s init check: He for the ReLU family
-    (or no squashing activation), Xavier for sigmoid/tanh models.
+    The scheme and its gain are :meth:`~gradwatch.remedies.ModelFacts.scheme`'s, the expected std the
+    one :func:`~gradwatch.remedies.inspect_model` compares with: He ``gain / sqrt(fan_in)``, Xavier
+    ``gain * sqrt(2 / (fan_in + fan_out))``.
     """
     if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or module.weight is None:
         return None
@@ -324,9 +325,9 @@ def _init_scale(module: nn.Module, facts: ModelFacts) -> tuple[float, float, str
     receptive = w[0][0].numel() if w.dim() > 2 else 1
     fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
     std = float(w.float().std())
-    if facts.relu_like or not (facts.sigmoid or facts.tanh):
-        return std, math.sqrt(2.0 / fan_in), "He"
-    return std, math.sqrt(2.0 / (fan_in + fan_out)), "Xavier"
+    scheme, gain, _ = facts.scheme()
+    expected = gain / math.sqrt(fan_in) if scheme == "He" else gain * math.sqrt(2.0 / (fan_in + fan_out))
+    return std, expected, scheme
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -537,7 +538,7 @@ def _report(
         input_rms=_rms(x) if x is not None else None,
         losses=trace.losses,
         layers=rows,
-        alerts=[replace(a) for a in alerts],
+        alerts=alerts,
         optimizer=label,
     )
 

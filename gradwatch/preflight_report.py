@@ -28,8 +28,11 @@ class LayerRow:
             parameter, or the loss does not reach them).
         grad_to_param: ``grad_norm`` over the L2 norm of those parameters.
         init_std: standard deviation of the weight (Linear / Conv layers).
-        init_expected: the He or Xavier standard deviation for that weight's fan-in (and fan-out).
-        init_scheme: ``"He"`` (the model has ReLU-family activations, or no sigmoid/tanh) or ``"Xavier"``.
+        init_expected: the standard deviation of the init scheme that fits the model's activations
+            (:meth:`gradwatch.remedies.ModelFacts.scheme`): He ``sqrt(2 / fan_in)`` for the ReLU family
+            (or no activation module), Xavier ``gain * sqrt(2 / (fan_in + fan_out))`` with tanh's
+            gain 5/3, or 1 for sigmoid, GELU, SiLU.
+        init_scheme: ``"He"`` or ``"Xavier"``.
         dead: fraction of units that output zero on every sample (ReLU modules).
         saturated: fraction of outputs at their asymptotes (sigmoid / tanh modules).
         update_ratio: ``||w1 - w0|| / ||w0||`` of the first optimizer step (with ``optimizer=``).

@@ -278,7 +278,8 @@ def test_saturation_and_xavier_scheme():
     report = preflight(model, (x, torch.zeros(5, 1)), nn.functional.mse_loss)
     tanh = report.layer("1")
     assert tanh.saturated == 1.0 and tanh.dead is None
-    assert report.layer("2").init_expected == pytest.approx(math.sqrt(2.0 / 9))  # Xavier: fan_in 8, fan_out 1
+    # Xavier with tanh's gain (5/3): fan_in 8, fan_out 1.
+    assert report.layer("2").init_expected == pytest.approx(5 / 3 * math.sqrt(2.0 / 9))
     assert report.layer("2").init_scheme == "Xavier"
     # 100% of the tanh outputs pinned, so almost no gradient below them: the cause is listed first.
     assert [(a.kind, a.layer) for a in report.alerts] == [("saturated", "1"), ("vanishing", "0")]
