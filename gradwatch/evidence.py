@@ -215,7 +215,7 @@ class _Sampler:
         counts: list[Tensor] = []
         for i, layer in enumerate(layers):
             for p in layer.params:
-                n = p.numel()
+                n = _flat(p).numel()  # the local shard's size under FSDP2 (what take() samples)
                 if n == 0:
                     continue
                 stride = max(1, math.ceil(n / per_tensor))
@@ -230,7 +230,7 @@ class _Sampler:
         parts = []
         for (_, p, stride), t in zip(self.params, tensors):
             if t is None:
-                k = math.ceil(p.numel() / stride)
+                k = math.ceil(_flat(p).numel() / stride)
                 parts.append(torch.zeros(k, device=self.device))
             else:
                 parts.append(_flat(t)[::stride].to(self.device, torch.float32))
