@@ -175,6 +175,22 @@ _CATEGORIES = (
         ),
         ("`head` has requires_grad=False but is the only thing the optimizer updates: unfreeze it.",),
     ),
+    Category(
+        "distributed",
+        "data-parallel consistency: the DDP wrapper's forward, no_sync, fully_shard, every rank taking the same "
+        "steps from the same weights",
+        (
+            r"\bDistributedDataParallel\b",
+            r"\bno_sync\b",
+            r"\bfully_shard\b",
+            r"\bevery rank\b",
+            r"\bbroadcast\b",
+        ),
+        (
+            "Run the forward pass through the DistributedDataParallel wrapper (ddp(x)), never ddp.module(x).",
+            "Make every rank take every optimizer step: agree skip decisions across ranks first.",
+        ),
+    ),
 )
 
 #: The remedy categories by name, in tie-break order.

@@ -162,7 +162,7 @@ def all_cases() -> dict[str, Case]:
 
 #: Modules whose import registers cases (faulty programs first, then controls). A case that needs its own
 #: interpreter (a 2-process gloo job) registers ``Case(..., subprocess=True)`` from a module listed here.
-CASE_MODULES: list[str] = ["gradwatch.bench.faulty", "gradwatch.bench.controls"]
+CASE_MODULES: list[str] = ["gradwatch.bench.faulty", "gradwatch.bench.controls", "gradwatch.bench.distributed"]
 
 
 def _load() -> None:
