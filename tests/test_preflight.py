@@ -555,3 +555,22 @@ def test_lightning_preflight_option_is_checked():
     with pytest.raises(ValueError, match=r"^`preflight` must be True or False; got 1$"):
         GradWatchCallback(preflight=1)
     assert GradWatchCallback(preflight=True).state_key == GradWatchCallback().state_key
+
+
+def test_lightning_preflight_that_cannot_run_warns_and_training_goes_on():
+    from lightning_helpers import make_module_class, pl_package
+
+    from gradwatch.lightning import GradWatchCallback
+
+    pl = pl_package()
+    torch.manual_seed(0)
+    module = make_module_class(pl)(nan_at=100)  # its training_step reads self.trainer: the copy has none
+    cb = GradWatchCallback(preflight=True, sinks=[])
+    message = (
+        r"^gradwatch pre-flight could not run on the first batch \(RuntimeError: make_module_class.<locals>.Net "
+        r"is not attached to a `Trainer`\.\); training goes on without it$"
+    )
+    with pytest.warns(gw.GradWatchWarning, match=message):
+        _fit(pl, module, cb, batches=2)
+    assert cb.preflight_report is None
+    assert cb.monitor.step_count == 2
