@@ -278,7 +278,10 @@ class DesyncCheck:
         tracked: list[_Tracked] = []
         index = 0
         known: dict[Any, tuple[int, ...] | None] = {}  # by (mesh, placements): one walk of the mesh each
-        for li, layer in enumerate(layers):
+        # By name, not in the monitor's (forward) order: a forward order seen on one rank's first batch
+        # could differ on another (data-dependent routing), and every rank must send the same layout.
+        for li in sorted(range(len(layers)), key=lambda i: layers[i].name):
+            layer = layers[li]
             for p in layer.params:
                 key = (id(p.device_mesh), tuple(p.placements)) if is_dtensor(p) else None  # type: ignore[attr-defined]
                 if key not in known:
