@@ -55,6 +55,14 @@ def test_projection_vectors_leave_the_global_rng_alone_and_cost_k_rows_plus_cols
     assert all(torch.equal(a.u, b.u) and torch.equal(a.v, b.v) for a, b in zip(check.tracked, again.tracked))
 
 
+def test_layout_is_the_same_whatever_the_forward_order() -> None:
+    model = C.make_model()
+    layers = discover_layers(model, "module")
+    a, b = D.DesyncCheck(layers), D.DesyncCheck(list(reversed(layers)))  # another rank's first forward
+    assert torch.equal(a.fingerprint(0), b.fingerprint(0))
+    assert [b.layer_names[t.layer] for t in b.tracked] == ["0", "0", "2", "2", "4", "4"]
+
+
 def _fingerprint64(t: torch.Tensor, index: int) -> list[float]:
     rows, cols = D._matrix_shape(t)
     u, v = D._projection_vectors(index, rows, cols, K, torch.device("cpu"))
