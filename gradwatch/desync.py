@@ -440,6 +440,7 @@ class DesyncCheck:
                 severity=ERROR,
                 message=head + tail,
                 layers=tuple(names),
+                evidence=(("grad_rel", max(cmp.grad_rel)), ("param_rel", max(cmp.param_rel))),
             )
         ]
 

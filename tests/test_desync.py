@@ -174,6 +174,7 @@ def test_finding_names_layers_worst_first_with_the_ranks_and_the_cause() -> None
     assert (f.kind, f.source, f.step, f.layer, f.severity) == ("desync", "param", 40, None, "error")
     assert f.layers == tuple(names[i] for i in order)
     assert f.value == pytest.approx(max(rel), rel=1e-9) and f.threshold == D.REL_TOL
+    assert f.evidence == (("grad_rel", 0.0), ("param_rel", f.value))
     shown = ", ".join(names[i] for i in order[:8])
     assert f.message == (
         f"gradwatch: data-parallel replicas differ at step 40: the parameters of 10 of 10 layers ({shown} and 2 "
