@@ -287,7 +287,9 @@ class DesyncCheck:
                 if key not in known:
                     known[key] = replica_groups(p, self.world)
                 groups = known[key]
-                if groups is not None and groups[self.rank] >= 0:
+                # Every rank lists the same parameters (one payload layout); one outside the mesh sends
+                # its empty local shard, which no group compares (its group id is -1).
+                if groups is not None:
                     x = local(p)
                     rows, cols = _matrix_shape(x)
                     u, v = _projection_vectors(index, rows, cols, projections, x.device)
