@@ -423,6 +423,17 @@ def remedies_for(
         ))
         return r.ranked()
 
+    if kind == "vanishing" and source == "update":
+        largest = evidence.finding.get("max_update") if evidence is not None else None
+        opt = evidence.optimizer if evidence is not None else None
+        who = opt.describe() if opt is not None else "the optimizer"
+        moved = f" moved no layer by more than {_pct(largest)} of its weights per step" if largest else " barely moves"
+        r.add(7, (
+            f"Raise the learning rate: {who}{moved} (~0.1% is healthy), and the loss has not improved since the first "
+            "step; try 10-100x, or a learning-rate finder."
+        ))
+        r.add(2, "Check that the learning-rate schedule does not start at (or decay to) ~0.")
+        return r.ranked()
     if kind == "vanishing":
         if facts.zero_init:
             r.add(6, (
@@ -515,7 +526,8 @@ def remedies_for(
                 r.add(5.5, _init_remedy(big_init, "amplifies"))
             if c.lr_high:
                 r.add(5, c.lr_high)
-            r.add(4.5, _clip_remedy(typical_norm))
+            # Without a measured cause the overflow may as well be an unstable op that grew first.
+            r.add(3.5, _clip_remedy(typical_norm))
         r.add(4, (
             "Find the operation that overflows: log(0), division by ~0, sqrt of a negative; prefer fused, stable "
             "forms (F.log_softmax, nn.BCEWithLogitsLoss instead of log(sigmoid(x)))."

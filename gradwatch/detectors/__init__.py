@@ -29,6 +29,7 @@ from gradwatch.detectors.no_gradient import NoGradient
 from gradwatch.detectors.nonfinite import NonFinite
 from gradwatch.detectors.spike import Spike
 from gradwatch.detectors.time import TimeVanishing
+from gradwatch.detectors.updates import SmallUpdates
 
 __all__ = [
     "Accumulating",
@@ -47,6 +48,7 @@ __all__ = [
     "NonFinite",
     "Persistence",
     "Saturated",
+    "SmallUpdates",
     "Spike",
     "StepEvidence",
     "TimeVanishing",
@@ -59,5 +61,5 @@ def default_detectors() -> list[Detector]:
     """The built-in detectors with their calibrated defaults."""
     return [
         NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated(), TimeVanishing(),
-        NoGradient(), Accumulating(), LossDivergence(),
+        NoGradient(), Accumulating(), LossDivergence(), SmallUpdates(),
     ]
