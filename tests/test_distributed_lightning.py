@@ -10,6 +10,7 @@ start together to share the import time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,15 @@ def test_records_equal_the_single_process_run(runs: dict[str, Path], mode: str) 
         assert g["step"] == s["step"]
         assert g["metrics"].keys() == s["metrics"].keys()
         for k, v in s["metrics"].items():
+            if k == "loss" or k.startswith("input/"):
+                # Rank 0's own batch: its loss (the training_step loss, as Lightning logs it without
+                # sync_dist) and its input scale are not the global batch's.
+                assert math.isfinite(g["metrics"][k]) and g["metrics"][k] > 0, k
+                continue
+            if mode == "fsdp2" and k.startswith("update_ratio/"):
+                # Estimated from a strided sample of the weights: of the local shards under FSDP2.
+                assert g["metrics"][k] == pytest.approx(v, rel=0.25), f"step {g['step']} {k}"
+                continue
             assert g["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), f"step {g['step']} {k}"
         for k, v in ref[g["step"]]["metrics"].items():  # and both equal the float64 reference
             assert g["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), f"step {g['step']} {k} (float64)"
