@@ -66,6 +66,8 @@ CARRY_SAMPLE = 256
 #: A non-finite step at most this many steps after an ``exploding`` finding is where that explosion ended
 #: (the detectors' persistence: an explosion that outruns it overflows within as many steps).
 AFTER_EXPLODING = 3
+# Exploding's default max_ratio: a gradient above 50x its weights, not the step size, makes a large update.
+_GRAD_EXPLODING = 50.0
 
 
 def _float(x: Any) -> float | None:
@@ -475,6 +477,9 @@ class EvidenceSnapshot:
         update_step: the step whose update ``update_ratio`` measured.
         update_grad_ratio: ``||g|| / ||w||`` per layer at that step: an update is the learning rate's
             doing only where the gradient behind it was not itself exploding.
+        peak_update: the largest update ratio measured so far on a layer whose gradient was not
+            exploding then (``||g|| / ||w|| < 50``), as ``(layer, ratio, step)``: the learning rate's
+            largest step, kept when later updates are skipped or the weights already overflowed.
         input_rms: RMS of the input reaching the first weight layer at the last logging step.
         input_max: its max |x|.
         input_layer: that layer's name.
@@ -492,6 +497,7 @@ class EvidenceSnapshot:
     update_ratio: dict[str, float] = field(default_factory=dict)
     update_step: int | None = None
     update_grad_ratio: dict[str, float] = field(default_factory=dict)
+    peak_update: tuple[str, float, int] | None = None
     input_rms: float | None = None
     input_max: float | None = None
     input_layer: str | None = None
@@ -758,16 +764,15 @@ class Evidence:
             }
         opt = self._optimizer() if self._optimizer is not None else None
         info = describe_optimizer(opt, self.layers, self.model) if opt is not None else self._last.optimizer
-        if info is not None:
-            for g in info.groups:
-                if g.lr is not None:
-                    m[f"lr/{g.index}"] = g.lr
+        if info is not None and info.lr_of() is not None:
+            m["lr"] = info.lr_of()  # the largest param group's (one group: the learning rate)
         last = self._last
         self._last = EvidenceSnapshot(
             optimizer=info,
             update_ratio=ratio or last.update_ratio,
             update_step=update_step,
             update_grad_ratio=update_g2p,
+            peak_update=self._peak(ratio, update_g2p, update_step, last.peak_update),
             input_rms=input_rms,
             input_max=input_max,
             input_layer=self.input.name if self.input is not None else None,
@@ -802,6 +807,20 @@ class Evidence:
                     )
             out.append(f)
         return out
+
+    def _peak(
+        self, ratio: dict[str, float], g2p: dict[str, float], step: int | None, peak: tuple[str, float, int] | None
+    ) -> tuple[str, float, int] | None:
+        """The largest update so far on a layer whose gradient was not exploding (or under an Adam-family
+        optimizer, whose update is ~lr per entry whatever the gradient)."""
+        opt = self._optimizer() if self._optimizer is not None else None
+        adam = opt is not None and any("betas" in g for g in opt.param_groups)
+        for layer, r in ratio.items():
+            if step is None or not math.isfinite(r) or not (adam or g2p.get(layer, math.inf) < _GRAD_EXPLODING):
+                continue
+            if peak is None or r > peak[1]:
+                peak = (layer, r, step)
+        return peak
 
     def snapshot(self, finding_evidence: Sequence[tuple[str, float]] = ()) -> EvidenceSnapshot:
         """The evidence as of the last logging step, with a finding's own figures."""

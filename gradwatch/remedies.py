@@ -36,6 +36,8 @@ Thresholds on the evidence, each from the physics it stands for:
   by less than 3x per step; the Inf is where an explosion ended, not a numerics bug.
 * a bias mean below -1 pre-activation std (:data:`BIAS_SHIFT`): with unit inputs, fewer than 16%
   of a ReLU's inputs can then turn it on.
+* an init that amplifies the signal 1e6-fold through the stack (:data:`INIT_AMPLIFICATION`, the product
+  of the oversized layers' std factors) explains a non-finite gradient even on the first step.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ LOSS_SCALE_HIGH = 100.0
 LOSS_JUMP_HIGH = 10.0
 PRIOR_GROWTH = 10.0
 BIAS_SHIFT = -1.0
-GRAD_RATIO_EXPLODING = 50.0  # Exploding's default max_ratio: above it the gradient, not the step size, is the cause
+# Product of the oversized layers' std factors (each layer multiplies the signal's scale by its factor):
+# 1e6 is six orders of magnitude from the init alone (3x on 13 layers, 2x on 20).
+INIT_AMPLIFICATION = 1e6
 
 
 def _names(names: Sequence[str], limit: int = 4) -> str:
@@ -317,16 +321,11 @@ def _clues(ev: EvidenceSnapshot | None, kind: str, step_of_alert: int | None) ->
             )
     # An update is the learning rate's doing where the gradient behind it was not exploding (||g||/||w||
     # below Exploding's 50; SGD's update is lr * ||g||/||w||), or under Adam-family optimizers, whose
-    # update is ~lr per entry whatever the gradient's size.
-    adam = ev.optimizer is not None and any(g.betas for g in ev.optimizer.groups)
-    blamed = [
-        k for k, g2p in ev.update_grad_ratio.items() if adam or g2p < GRAD_RATIO_EXPLODING
-    ] if ev.update_grad_ratio else None
-    top = ev.largest_update(blamed)
-    if top is not None and top[1] >= UPDATE_HIGH:
-        layer, ratio = top
+    # update is ~lr per entry whatever the gradient's size: the evidence keeps the largest such update.
+    if ev.peak_update is not None and ev.peak_update[1] >= UPDATE_HIGH:
+        layer, ratio, when = ev.peak_update
         who = ev.optimizer.describe(layer) if ev.optimizer is not None else "the optimizer"
-        at = f" at step {ev.update_step}" if ev.update_step is not None else ""
+        at = f" at step {when}"
         c.lr_high = (
             f"Lower the learning rate: {who} moved `{layer}` by {_pct(ratio)} of its weights in one step{at} "
             "(~0.1% is healthy)."
@@ -518,6 +517,11 @@ def remedies_for(
                 "Train in float32 or bfloat16 (torch.autocast(dtype=torch.bfloat16)), or keep float32 weights under "
                 "torch.autocast with a torch.amp.GradScaler: float16 overflows to Inf above 65504."
             ))
+        amplification = math.prod(x.factor for x in facts.large_init) if facts.large_init else 1.0
+        if amplification >= INIT_AMPLIFICATION and c.prior_growth is None:
+            # The forward signal is amplified by the product of the oversized layers' factors: from the
+            # first step, whatever the data, the init alone can overflow.
+            r.add(5.5, _init_remedy(big_init, "amplifies"))
         if c.prior_growth is not None:
             # The Inf is where an explosion ended: its causes come first, then the numerics.
             if c.inputs_high:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torch import nn
 
+from gradwatch.evidence import EvidenceSnapshot, GroupInfo, OptimizerInfo
 from gradwatch.remedies import inspect_model, remedies_for
 
 
@@ -85,3 +88,153 @@ def test_dead_and_saturated_remedies_name_the_modules():
     assert remedies_for("saturated", f)[0] == (
         "Replace `3` with nn.ReLU/nn.LeakyReLU, which do not saturate for positive inputs."
     )
+
+
+# ------------------------------------------------------------------ issue 11: init fits the activation
+def _stack(act, depth: int = 6, init=None) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        lin = nn.Linear(64, 64)
+        if init is not None:
+            init(lin.weight)
+        layers += [lin, act()]
+    return nn.Sequential(*layers, nn.Linear(64, 4))
+
+
+def test_sigmoid_stack_gets_xavier_without_the_tanh_gain():
+    f = inspect_model(_stack(nn.Sigmoid))
+    rem = remedies_for("vanishing", f)
+    init = next(r for r in rem if r.startswith("Initialise"))
+    assert "with Xavier init (nn.init.xavier_uniform_(w))" in init
+    assert "calculate_gain('tanh')" not in init  # the issue's measured wrong advice
+    assert 0.5 < statistics.median(x.factor for x in f.small_init) < 0.66  # default init: 0.58x Xavier (gain 1)
+
+
+def test_tanh_stack_gets_the_tanh_gain_and_xavier_tanh_init_is_fine():
+    f = inspect_model(_stack(nn.Tanh))
+    init = next(r for r in remedies_for("vanishing", f) if r.startswith("Initialise"))
+    assert "nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain('tanh'))" in init
+    fitted = inspect_model(_stack(nn.Tanh, init=lambda w: nn.init.xavier_normal_(w, gain=5 / 3)))
+    assert [x.name for x in fitted.small_init] == ["12"] and fitted.large_init == []  # only the default-init head
+
+
+def test_gelu_stack_gets_xavier_and_relu_stack_gets_he():
+    assert inspect_model(_stack(nn.GELU)).scheme()[0] == "Xavier"
+    assert inspect_model(_stack(nn.ReLU)).scheme()[2] == "nn.init.kaiming_normal_(w, nonlinearity='relu')"
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.q.weight.mul_(8.0)
+            self.k.weight.mul_(8.0)
+
+
+def test_attention_qk_points_at_the_score_scale_and_the_qk_init():
+    f = inspect_model(_Attention())
+    assert f.attention_qk == ["q", "k"]
+    rem = remedies_for("vanishing", f, layers=("q",))
+    assert rem[0].startswith(
+        "Scale the attention scores by 1/sqrt(d) (q @ k.transpose(-2, -1) / math.sqrt(d), or use "
+        "F.scaled_dot_product_attention) and initialise `q`, `k` at PyTorch's default scale"
+    )
+    assert not rem[0].count("`fc`")
+
+
+def test_zero_gradient_without_zero_init_points_at_the_graph():
+    f = inspect_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    rem = remedies_for("vanishing", f, source="zero", layers=("2",))
+    assert rem[0].startswith("Make sure the loss reaches `2`: an exactly zero gradient means a module unused in")
+    assert remedies_for("no_gradient", f, source="missing", layers=("aux",))[0].startswith(
+        "`aux` never reaches the loss: call it in forward()"
+    )
+
+
+# ------------------------------------------------------------------ issue 11: ranked by the evidence
+def _sgd(lr: float, layers: tuple[str, ...]) -> OptimizerInfo:
+    return OptimizerInfo("SGD", (GroupInfo(0, lr, 0.0, None, 0.0, layers),))
+
+
+def test_inputs_far_from_unit_scale_come_first_for_an_explosion():
+    f = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    ev = EvidenceSnapshot(input_rms=58.0, input_max=100.0, input_layer="0")
+    rem = remedies_for("exploding", f, evidence=ev, typical_norm=1.0)
+    assert rem[0] == (
+        "Normalise the inputs to zero mean and unit variance: `0` receives inputs of RMS 58 (max 100), while "
+        "He/Xavier init assume ~1."
+    )
+    assert rem[1].startswith("Clip gradients")
+    assert remedies_for("exploding", f, evidence=EvidenceSnapshot(input_rms=1.0), typical_norm=1.0)[0].startswith(
+        "Clip gradients"
+    )
+
+
+def test_a_large_update_names_the_learning_rate_with_its_figure():
+    f = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    ev = EvidenceSnapshot(optimizer=_sgd(3.0, ("0", "2")), peak_update=("0", 0.4, 0))
+    assert remedies_for("dead", f, evidence=ev)[0] == (
+        "Lower the learning rate: SGD lr 3 moved `0` by 40% of its weights in one step at step 0 (~0.1% is "
+        "healthy). One large update can push a unit's input below zero for every sample."
+    )
+    small = EvidenceSnapshot(optimizer=_sgd(0.01, ("0", "2")), peak_update=("0", 0.01, 0))
+    assert remedies_for("dead", f, evidence=small)[0].startswith("Replace `1` with nn.LeakyReLU(0.01)")
+
+
+def test_oversized_init_outranks_the_update_it_causes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=3 * (2 / 64) ** 0.5)
+    f = inspect_model(model)
+    ev = EvidenceSnapshot(optimizer=_sgd(0.01, ("0",)), peak_update=("4", 2.0, 0))
+    rem = remedies_for("exploding", f, evidence=ev, typical_norm=1.0)
+    assert rem[0].startswith("Initialise `0`, `2`, `4` with He init")
+    assert rem[1].startswith("Lower the learning rate: SGD lr 0.01 moved `4` by 200%")
+
+
+def test_spike_with_a_batch_of_one_or_an_extreme_batch():
+    f = inspect_model(nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3)))
+    one = EvidenceSnapshot(batch_size=1)
+    assert remedies_for("spike", f, evidence=one)[0].startswith(
+        "Raise the batch size: with 1 sample(s) per step the gradient's noise is as large as its signal"
+    )
+    jump = EvidenceSnapshot(loss_jump=900.0, loss_jump_step=80, batch_size=64)
+    assert remedies_for("spike", f, evidence=jump, step=80)[0].startswith(
+        "Look at the batch of step 80 for outliers or corrupted samples: the loss jumped to 900x its running mean"
+    )
+    assert remedies_for("spike", f, evidence=jump, step=81)[0].startswith("Clip gradients")
+
+
+def test_regression_targets_far_from_unit_scale():
+    f = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)))
+    ev = EvidenceSnapshot(loss_start=2.6e12, input_rms=1.0)
+    assert remedies_for("exploding", f, evidence=ev)[0] == (
+        "Standardise the regression targets (and inputs) to unit variance: the loss started at 2.60e+12, and its "
+        "gradients scale with it (a cross-entropy starts near ln(classes))."
+    )
+
+
+def test_nonfinite_ranks_numerics_unless_precision_or_an_explosion_explain_it():
+    f = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    assert remedies_for("nonfinite", f)[0].startswith("Find the operation that overflows: log(0)")
+    half = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).half())
+    assert remedies_for("nonfinite", half)[0].startswith("Train in float32 or bfloat16")
+    after = EvidenceSnapshot(input_rms=200.0, finding={"prior_growth": 60.0})
+    assert remedies_for("nonfinite", f, evidence=after)[0].startswith("Normalise the inputs")
+
+
+def test_dead_units_from_a_negative_bias_get_the_bias_init_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    with torch.no_grad():
+        nn.init.kaiming_normal_(model[0].weight, nonlinearity="relu")
+        model[0].bias.fill_(-3.0)
+    f = inspect_model(model)
+    assert [b.name for b in f.negative_bias] == ["0"]
+    assert remedies_for("dead", f)[0].startswith("Initialise the biases of `0` to zero (nn.init.zeros_(m.bias))")

@@ -1,0 +1,357 @@
+"""Diagnosis beyond the gradients (issue 11): evidence (update ratio, input scale, loss, optimizer),
+the new kinds (accumulating, no_gradient), severity-scaled persistence, and no host read added on
+non-logging steps by the loss and optimizer paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _syncs import count_syncs
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch.detectors import LossDivergence, SmallUpdates
+from gradwatch.evidence import GradCarry, UpdateTracker
+from gradwatch.layers import discover_layers
+
+
+def batch(t: int, n: int = 64, d: int = 20, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher-labelled batch (fixed per step)."""
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, k, generator=torch.Generator().manual_seed(1234))
+    return x, (x @ w).argmax(1)
+
+
+def mlp(width: int = 64, depth: int = 2, din: int = 20) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = din
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 5))
+
+
+def run(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    *,
+    zero: bool = True,
+    set_to_none: bool = True,
+    scale: float = 1.0,
+    micro: int = 1,
+    forward=None,
+    **kw,
+) -> gw.GradWatch:
+    """A plain loop passing the loss and the optimizer to ``step``."""
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore", **kw)
+    for t in range(steps):
+        for k in range(micro):
+            x, y = batch(t * micro + k)
+            out = forward(model, scale * x) if forward is not None else model(scale * x)
+            loss = F.cross_entropy(out, y) / micro
+            loss.backward()
+        mon.step(loss=loss, optimizer=opt)
+        opt.step()
+        if zero:
+            opt.zero_grad(set_to_none=set_to_none)
+    mon.close()
+    return mon
+
+
+def kinds(mon: gw.GradWatch) -> list[tuple[str, int]]:
+    return [(a.kind, a.step) for a in mon.alerts]
+
+
+# ----------------------------------------------------------------------------------------- evidence
+def test_update_ratio_matches_a_float64_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))  # every tensor <= 1024 entries: exact
+    layers = discover_layers(model, "module")
+    tracker = UpdateTracker(layers, torch.device("cpu"))
+    before = [p.detach().double().clone() for p in model.parameters()]
+    tracker.snapshot(step=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    model(torch.randn(32, 8)).square().mean().backward()
+    opt.step()
+    step, ratio = tracker.measure()
+    after = [p.detach().double() for p in model.parameters()]
+    expected = []
+    for i in (0, 1):  # (weight, bias) of each Linear
+        d2 = sum(float((a - b).square().sum()) for a, b in zip(after[2 * i : 2 * i + 2], before[2 * i : 2 * i + 2]))
+        w2 = sum(float(b.square().sum()) for b in before[2 * i : 2 * i + 2])
+        expected.append(math.sqrt(d2 / w2))
+    assert step == 0
+    assert ratio.tolist() == pytest.approx(expected, rel=1e-5)
+    assert tracker.measure() is None  # one measure per snapshot
+    assert tracker.memory_bytes == (8 * 16 + 16 + 16 * 2 + 2) * 12
+
+
+def test_update_ratio_samples_at_most_1024_entries_per_tensor():
+    model = nn.Linear(300, 100)  # 30000 weights: a strided sample
+    tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+    assert tracker.memory_bytes == (1000 + 100) * 12  # ceil(30000 / 30) = 1000 weight entries, every bias entry
+
+
+def test_input_scale_and_update_ratio_and_lr_are_metrics_at_logging_steps():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore", log_every=2)
+    reports = []
+    for t in range(3):
+        x, y = batch(t)
+        loss = F.cross_entropy(model(100 * x), y)
+        loss.backward()
+        reports.append(mon.step(loss=loss, optimizer=opt))
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    m0, m2 = reports[0].metrics, reports[2].metrics
+    x0 = (100 * batch(0)[0]).double()
+    assert m0["input/rms"] == pytest.approx(float(x0.square().mean().sqrt()), rel=1e-6)
+    assert m0["lr"] == 0.05
+    assert not any(k.startswith("update_ratio/") for k in m0)  # nothing measured before the first update
+    assert set(k for k in m2 if k.startswith("update_ratio/")) == {"update_ratio/0", "update_ratio/2", "update_ratio/4"}
+    assert all(v > 0 for k, v in m2.items() if k.startswith("update_ratio/"))
+
+
+def test_grad_carry_answers_on_the_host_for_new_tensors():
+    model = nn.Linear(4, 2)
+    carry = GradCarry(discover_layers(model, "module"), torch.device("cpu"))
+    model(torch.randn(3, 4)).sum().backward()
+    assert carry.observe() is None  # first look: nothing to compare
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(3, 4)).sum().backward()
+    with count_syncs() as calls:
+        assert carry.observe() is None  # new tensors: nothing carried, no device work
+    assert calls == []
+    model(torch.randn(3, 4)).sum().backward()  # no zero_grad: the same tensors, accumulated into
+    sample = carry.observe()
+    assert sample is not None and sample.carried.tolist() == [True]
+    assert torch.equal(sample.values, torch.cat([model.weight.grad.reshape(-1), model.bias.grad]))
+
+
+# ----------------------------------------------------------------------------------- accumulating
+def test_missing_zero_grad_is_named_within_a_few_steps():
+    torch.manual_seed(0)
+    model = mlp()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 40, zero=False)
+    assert kinds(mon)[0] == ("accumulating", 6)  # comparisons from step 1: five by step 5, all layers by 6
+    a = mon.alerts[0]
+    assert 0.95 <= a.value <= 1.5
+    assert a.message.startswith(
+        f"Gradients carried over across optimizer steps at step 6: the gradient of {a.layer} (and 2 more layer(s)) "
+        "is the previous step's plus a new one ("
+    )
+    assert a.remedies[0] == (
+        "Call optimizer.zero_grad() once per optimizer step, after optimizer.step(): the gradient applied over `0`, "
+        "`2`, `4` is the sum of every step's gradient since it was last zeroed, a step that grows without bound."
+    )
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [
+        dict(set_to_none=True),
+        dict(set_to_none=False),
+        dict(set_to_none=True, micro=4),
+        dict(set_to_none=False, micro=4),
+    ],
+    ids=["zero_grad", "set_to_none=False", "accumulation", "accumulation, set_to_none=False"],
+)
+def test_loops_that_zero_are_silent(loop):
+    torch.manual_seed(0)
+    model = mlp()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 80, **loop)
+    assert mon.alerts == []
+
+
+# ------------------------------------------------------------------------------------ no_gradient
+class EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(20, 64), nn.ReLU())
+        self.head = nn.Linear(64, 5)
+        self.aux = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_layer_the_loss_never_reaches_is_no_gradient():
+    torch.manual_seed(0)
+    model = EncoderHead()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 30)
+    assert kinds(mon) == [("no_gradient", 19)]
+    a = mon.alerts[0]
+    assert a.layer == "aux"
+    assert a.message == (
+        "No gradient at step 19: aux got none for 20 steps (since step 0) while the other layers did: the loss "
+        "never reaches it."
+    )
+    assert a.remedies[0].startswith("`aux` never reaches the loss: call it in forward()")
+
+
+def test_stale_zero_gradient_is_no_gradient_not_vanishing():
+    torch.manual_seed(0)
+    model = EncoderHead()
+    for p in model.aux.parameters():
+        p.grad = torch.zeros_like(p)  # kept at zero by zero_grad(set_to_none=False): backward never writes it
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 30, set_to_none=False)
+    assert kinds(mon) == [("no_gradient", 20)]  # probed from the first logging step's read: steps 1..20
+
+
+def test_detached_encoder_is_no_gradient():
+    torch.manual_seed(0)
+    model = EncoderHead()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 30,
+              forward=lambda m, x: m.head(m.encoder(x).detach()))
+    assert kinds(mon) == [("no_gradient", 19)]
+    assert mon.alerts[0].message.startswith("No gradient at step 19: encoder.0 (and 1 more layer(s)) got none")
+
+
+def test_frozen_and_unoptimised_parameters_are_silent():
+    torch.manual_seed(0)
+    model = EncoderHead()
+    model.encoder.requires_grad_(False)  # frozen: not watched
+    opt = torch.optim.Adam(model.head.parameters(), 1e-3)  # aux: trainable, in no optimizer
+    mon = run(model, opt, 40)
+    assert mon.alerts == []
+
+
+def test_optimizer_over_frozen_parameters_only_is_named_at_once():
+    torch.manual_seed(0)
+    model = EncoderHead()
+    model.head.requires_grad_(False)
+    mon = run(model, torch.optim.Adam(model.head.parameters(), 1e-3), 3)
+    a = next(a for a in mon.alerts if a.kind == "no_gradient")
+    assert (a.step, a.severity, a.layer) == (0, "error", None)
+    assert a.remedies[0].startswith(
+        "`head.weight`, `head.bias` have requires_grad=False but are the only parameters the optimizer updates"
+    )
+
+
+# ------------------------------------------------------------------- severity-scaled persistence
+def test_fast_explosion_is_exploding_no_later_than_nonfinite_and_both_name_the_init():
+    torch.manual_seed(0)
+    # 20 ReLU layers at 2.5x the He std: total norm 3.9e17 at step 0, NaN from step 1.
+    model = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(32, 32), nn.ReLU())], nn.Linear(32, 5))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=2.5 * math.sqrt(2 / m.in_features))
+                nn.init.zeros_(m.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore")
+    for t in range(4):
+        x, _ = batch(t, d=32)
+        loss = model(x).square().mean()
+        loss.backward()
+        mon.step(loss=loss, optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    first = {k: s for k, s in reversed(kinds(mon))}
+    assert (first["exploding"], first["nonfinite"]) == (0, 1)  # fired on the step it was seen, before the Inf
+    exploding = next(a for a in mon.alerts if a.kind == "exploding")
+    nonfinite = next(a for a in mon.alerts if a.kind == "nonfinite")
+    assert exploding.value > 50 * 1e4
+    assert f"It ends the explosion reported at step {first['exploding']} (`exploding`)." in nonfinite.message
+    for a in (exploding, nonfinite):
+        assert a.remedies[0].startswith("Initialise `0`, `2`, `4`, `6` (and 17 more, 21 in all) with He init")
+        assert "2.5x the He value" in a.remedies[0]
+
+
+def test_borderline_explosion_still_needs_its_streak():
+    # ||g||/||w|| = 60 every step (just past 50): fires at the third step, not the first.
+    model = nn.Linear(4, 4, bias=False)
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore", log_every=1)
+    for _ in range(4):
+        with torch.no_grad():
+            model.weight.grad = 60 * model.weight.detach().clone()
+        mon.step()
+    mon.close()
+    assert kinds(mon) == [("exploding", 2)]
+
+
+# ------------------------------------------------------------------------------- learning rate
+def test_learning_rate_that_kills_relus_is_named_with_its_update():
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+    mon = run(model, torch.optim.SGD(model.parameters(), lr=3.0), 40, track_activations=True)
+    dead = next(a for a in mon.alerts if a.kind == "dead")
+    assert dead.remedies[0].startswith("Lower the learning rate: SGD lr 3 moved `")
+    assert "of its weights in one step at step 0 (~0.1% is healthy)." in dead.remedies[0]
+
+
+def test_learning_rate_far_too_low_is_vanishing_updates():
+    torch.manual_seed(0)
+    model = mlp()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-7), 40)
+    assert kinds(mon) == [("vanishing", 20)]  # measured at steps 1, 11, 21: three logging steps
+    a = mon.alerts[0]
+    assert a.layer is None and a.value < 1e-5
+    assert a.remedies[0].startswith("Raise the learning rate: Adam lr 1e-07 moved no layer by more than ")
+
+
+def test_small_updates_need_a_flat_loss():
+    d = SmallUpdates()
+    # The loss falls: tiny updates of a converged or decayed run are not a fault.
+    assert d.fold([2.0, 1.0, 0.5], [0, 10, 20], [1e-6, 1e-6, 1e-6], [0, 10, 20]) == []
+    d = SmallUpdates()
+    fired = d.fold([2.0, 2.0, 2.0, 2.0], [0, 10, 20, 30], [1e-6, 2e-6, 3e-6, 1e-6], [1, 11, 21, 31])
+    assert fired == [(21, 3e-6)]
+
+
+def test_loss_divergence_needs_loss_and_gradients_rising_together():
+    d = LossDivergence()
+    steps = list(range(20))
+    losses = [1.0] * 10 + [30.0] * 10
+    flat = [1.0] * 20
+    assert d.fold(losses, flat, steps) == []  # the loss alone: not a divergence
+    d = LossDivergence()
+    fired = d.fold(losses, [1.0] * 10 + [100.0] * 10, steps)
+    # The EMA (alpha 0.9) passes 10x the early loss at step 13 (30 - 29 * 0.9^4 = 10.97); held 3 steps.
+    assert [s for s, _, _ in fired] == [15]
+
+
+# ----------------------------------------------------------------------------------------- syncs
+@pytest.mark.parametrize("loop", ["zero_grad", "set_to_none=False", "no zero_grad"])
+def test_loss_and_optimizer_paths_add_no_host_read_on_non_logging_steps(loop):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gw.GradWatch(model, sinks=[], on_nonfinite="warn", on_alert="ignore", log_every=5)
+    per_step = []
+    for t in range(12):
+        x, y = batch(t)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        with count_syncs() as calls:
+            mon.step(loss=loss, optimizer=opt)
+        per_step.append(list(calls))
+        opt.step()
+        if loop != "no zero_grad":
+            opt.zero_grad(set_to_none=loop == "zero_grad")
+    mon.close()
+    for step, calls in enumerate(per_step):
+        assert calls == (["tolist"] if step % 5 == 0 else []), step
+    # The carried path did its work on the device: the missing zero_grad is found (at the step-10 read).
+    assert [a.kind for a in mon.alerts] == (["accumulating"] if loop == "no zero_grad" else [])
+
+
+def test_recurrent_models_are_profiled_across_time_by_default():
+    gru = nn.GRU(3, 8, batch_first=True)
+    assert gw.GradWatch(gru, sinks=[]).track_time is True
+    assert gw.GradWatch(gru, sinks=[], track_time=False).track_time is False
+    assert gw.GradWatch(nn.Linear(3, 3), sinks=[]).track_time is False
