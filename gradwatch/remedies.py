@@ -441,11 +441,18 @@ def remedies_for(
                 "(tanh/sigmoid)."
             ))
         elif source == "zero":
+            # Backward reaches these layers (layers it never reaches are no_gradient's) and delivers exact
+            # zeros: something above them passes no gradient, most often a layer of all-dead ReLUs.
             named = list(layers) or ["the layer"]
-            r.add(5, (
-                f"Make sure the loss reaches {_names(named)}: an exactly zero gradient means a module unused in "
-                "forward(), an output taken through .detach()/.item()/torch.no_grad(), or every unit feeding it "
-                "dead (check `dead` alerts, biases, the learning rate)."
+            if facts.relu:
+                r.add(5, (
+                    f"Replace {_names(facts.relu)} with nn.LeakyReLU(0.01) or nn.GELU: {_names(named)} get exactly "
+                    "zero gradients although backward reaches them, which a layer of ReLUs that are all off (dead) "
+                    "above them causes; check the biases and the learning rate too."
+                ))
+            r.add(4.5, (
+                f"Find what zeroes the gradient above {_names(named)}: a mask or a multiplication by 0, zero "
+                "weights downstream, or an output routed around the loss; if it is unused in forward(), remove it."
             ))
         if c.inputs_low:
             r.add(6, c.inputs_low)

@@ -145,10 +145,13 @@ def test_attention_qk_points_at_the_score_scale_and_the_qk_init():
     assert not rem[0].count("`fc`")
 
 
-def test_zero_gradient_without_zero_init_points_at_the_graph():
+def test_zero_gradient_without_zero_init_points_at_what_blocks_it():
     f = inspect_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
-    rem = remedies_for("vanishing", f, source="zero", layers=("2",))
-    assert rem[0].startswith("Make sure the loss reaches `2`: an exactly zero gradient means a module unused in")
+    rem = remedies_for("vanishing", f, source="zero", layers=("0",))
+    assert rem[0].startswith("Replace `1` with nn.LeakyReLU(0.01) or nn.GELU: `0` get exactly zero gradients although")
+    assert rem[1].startswith("Find what zeroes the gradient above `0`: a mask or a multiplication by 0")
+    plain = inspect_model(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+    assert remedies_for("vanishing", plain, source="zero", layers=("0",))[0].startswith("Find what zeroes")
     assert remedies_for("no_gradient", f, source="missing", layers=("aux",))[0].startswith(
         "`aux` never reaches the loss: call it in forward()"
     )
