@@ -9,9 +9,9 @@ only, no host read outside logging steps.
   tensor learning rate would be a host read.
 * :class:`UpdateTracker` measures the update-to-weight ratio ``||dw|| / ||w||`` per layer without a
   copy of the model: at a logging step it keeps a fixed strided sample of each parameter tensor (at
-  most :data:`UPDATE_SAMPLE` entries, 4 KiB in float32), and at the next step, once the optimizer has
-  stepped, compares. Extra memory: at most 4 KiB per parameter tensor (a ResNet-50's 161 tensors:
-  < 0.7 MiB), whatever the model's size. The sample is an estimator: with 1024 entries its relative
+  most :data:`UPDATE_SAMPLE` entries, 4 KiB in float32, plus an 8-byte layer index per entry), and at the
+  next step, once the optimizer has stepped, compares. Extra memory: at most 12 KiB per parameter tensor
+  (a ResNet-50's 161 tensors: < 2 MiB), whatever the model's size. The sample is an estimator: with 1024 entries its relative
   error on a ratio is a few percent, far below the two orders of magnitude the remedies look at.
 * :class:`InputScale` records the RMS and max of the input reaching the first weight layer, with a
   forward pre-hook armed on logging steps only.
