@@ -87,8 +87,12 @@ def _keys(gathered: Gathered) -> list[ReduceKey]:
     return gathered.reduce_keys or [()] * len(gathered.groups)
 
 
+# Devices whose max |g| is taken tensor by tensor (one aminmax each) instead of one foreach kernel.
+PER_TENSOR_MAX_DEVICES: tuple[str, ...] = ("cpu",)
+
+
 def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Tensor:
-    if ord == float("inf") and tensors[0].device.type == "cpu":
+    if ord == float("inf") and tensors[0].device.type in PER_TENSOR_MAX_DEVICES:
         # On CPU, _foreach_norm(ord=inf) runs an unvectorised |x| then max: ~15x the time of the
         # L2 pass (benchmarks/README.md). max(|min|, max) from one aminmax pass reads the data once.
         lo, hi = zip(*(torch.aminmax(t) for t in tensors))

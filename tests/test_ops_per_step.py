@@ -89,3 +89,39 @@ def test_the_same_ops_whatever_the_depth() -> None:
         return iteration_ops(depth, True, pass_loss=True) - iteration_ops(depth, False, pass_loss=True)
 
     assert added(2) == added(48)  # op by op: nothing on the per-step path is per layer
+
+
+# Ops that only make a new view of existing memory: on a GPU they launch no kernel.
+VIEW_OPS = frozenset({"detach", "view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand",
+                      "as_strided", "alias", "t", "transpose", "permute", "_reshape_alias", "lift_fresh"})
+
+
+def logging_step_kernels(depth: int) -> collections.Counter[str]:
+    """Ops of monitor.step() on a logging step (step 10), views left out."""
+    torch.manual_seed(0)
+    model = mlp(depth)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = gw.GradWatch(model, sinks=[], on_alert="ignore")
+    x, y = torch.randn(8, 16), torch.randn(8, 2)
+    for step in range(11):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if step == 10:
+            with OpCounter() as counter:
+                monitor.step(loss=loss, optimizer=opt)
+        else:
+            monitor.step(loss=loss, optimizer=opt)
+        opt.step()
+    monitor.close()
+    return collections.Counter({k: n for k, n in counter.ops.items() if k not in VIEW_OPS})
+
+
+def test_logging_step_grows_with_groups_not_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With foreach kernels for max |g| (the GPU path; the CPU takes one aminmax per tensor, measured faster
+    there), a logging step launches the same kernels at depth 2 and 48: one (device, dtype) group either way."""
+    from gradwatch import stats
+
+    monkeypatch.setattr(stats, "PER_TENSOR_MAX_DEVICES", ())
+    shallow, deep = logging_step_kernels(2), logging_step_kernels(48)
+    assert deep == shallow, (deep - shallow).most_common()
