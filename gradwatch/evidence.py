@@ -11,10 +11,12 @@ only, no host read outside logging steps.
   copy of the model: at a logging step it keeps a fixed strided sample of each parameter tensor (at
   most :data:`UPDATE_SAMPLE` entries, 4 KiB in float32, plus an 8-byte layer index per entry), and at the
   next step, once the optimizer has stepped, compares. Extra memory: at most 12 KiB per parameter tensor
-  (a ResNet-50's 161 tensors: < 2 MiB), whatever the model's size. The sample is an estimator: with 1024 entries its relative
-  error on a ratio is a few percent, far below the two orders of magnitude the remedies look at.
-* :class:`InputScale` records the RMS and max of the input reaching the first weight layer, with a
-  forward pre-hook armed on logging steps only.
+  (a ResNet-50's 161 tensors: < 2 MiB), whatever the model's size. The sample is an estimator: with 1024
+  entries its relative error on a ratio is a few percent, far below the two orders of magnitude the
+  remedies look at.
+* :class:`InputScale` records the RMS and max of the model's input (the first floating-point tensor
+  its forward receives: what reaches the first layer, unless ``forward`` rescales it itself), with a
+  forward pre-hook armed on logging steps only (not inside a ``torch.compile``'d forward).
 * :class:`GradCarry` tells whether the gradient tensors the optimizer is about to apply are the same
   objects as last step's (host identity, no device work): a loop that zeroes with
   ``set_to_none=True`` (the default) hands new tensors every step, so carried-over gradients are
@@ -38,7 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradwatch.layers import Layer
+from gradwatch import schema
+from gradwatch.layers import Layer, is_compiling
 
 __all__ = [
     "UPDATE_SAMPLE",
@@ -329,6 +332,8 @@ class InputScale:
         ref = weakref.ref(self)
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if is_compiling():  # inside torch.compile: a no-op (a branch on the step would recompile every arm)
+                return
             me = ref()
             if me is None or me._taken or not me._armed():
                 return
@@ -482,7 +487,7 @@ class EvidenceSnapshot:
             largest step, kept when later updates are skipped or the weights already overflowed.
         input_rms: RMS of the input reaching the first weight layer at the last logging step.
         input_max: its max |x|.
-        input_layer: that layer's name.
+        input_layer: the module whose input was measured (``""``: the model itself).
         loss_start: the first loss seen (``None`` without a loss).
         loss_last: the loss at the last step seen.
         loss_best: the lowest loss EMA seen.
@@ -596,13 +601,11 @@ class Evidence:
         self.model = model
         self._armed = armed
         self.layers: list[Layer] = list(layers)
-        modules = dict(model.named_modules())
-        first = next((x for x in self.layers if x.is_weight_layer), None)
         first_p = next((p for x in self.layers for p in x.params), None)
         device = first_p.device if first_p is not None else torch.device("cpu")
-        self.input: InputScale | None = None
-        if first is not None and first.module_name in modules:
-            self.input = InputScale(modules[first.module_name], first.name, device, armed)
+        # The model's own input (one hook on the root, never moved: a hook added or moved on a module
+        # of a compiled model would make torch.compile recompile).
+        self.input: InputScale | None = InputScale(model, "", device, armed) if self.layers else None
         self.device = device
         self.updates: UpdateTracker | None = None
         self.carry: GradCarry | None = None
@@ -626,11 +629,8 @@ class Evidence:
         self.carry = GradCarry(self.layers, device)
         self.probe = ReachProbe(self.layers)
         self.loss = LossTrack()
-        first = next((x for x in self.layers if x.is_weight_layer), None)
-        modules = dict(self.model.named_modules())
-        retarget = self.input is not None and first is not None and first.name != self.input.name
-        if retarget and first.module_name in modules:  # type: ignore[union-attr]
-            self.input.retarget(modules[first.module_name], first.name)  # type: ignore[union-attr]
+        # The input-scale hook stays where it was put at construction (the first weight layer in
+        # registration order): moving a hook would make torch.compile recompile a compiled model.
 
     def begin(self, host_step: int, loss: Tensor | None, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """This step's evidence, as :class:`~gradwatch.detectors.StepEvidence` fields (no host read).
@@ -739,14 +739,13 @@ class Evidence:
             for x, r in zip(self.layers, values["update/ratio"]):
                 if math.isfinite(r):
                     ratio[x.name] = r
-                    m[f"update_ratio/{x.name}"] = r
+                    m[schema.metric_key(schema.UPDATE_RATIO, x.name)] = r
             self._ratio = None
         input_rms = self._last.input_rms
         input_max = self._last.input_max
         if "input" in values:
             input_rms, input_max = values["input"][0], values["input"][1]
             self._input = None
-            m["input/rms"] = input_rms
         loss: dict[str, Any] = {}
         if self.loss is not None and "loss/values" in values:
             self.loss.fold(values["loss/values"])
@@ -764,8 +763,6 @@ class Evidence:
             }
         opt = self._optimizer() if self._optimizer is not None else None
         info = describe_optimizer(opt, self.layers, self.model) if opt is not None else self._last.optimizer
-        if info is not None and info.lr_of() is not None:
-            m["lr"] = info.lr_of()  # the largest param group's (one group: the learning rate)
         last = self._last
         self._last = EvidenceSnapshot(
             optimizer=info,

@@ -307,7 +307,7 @@ def _clues(ev: EvidenceSnapshot | None, kind: str, step_of_alert: int | None) ->
     c = _Clues()
     if ev is None:
         return c
-    where = f"`{ev.input_layer}`" if ev.input_layer else "the first layer"
+    where = f"`{ev.input_layer}`" if ev.input_layer else "the model"
     if ev.input_rms is not None and math.isfinite(ev.input_rms):
         if ev.input_rms >= INPUT_RMS_HIGH:
             c.inputs_high = (
@@ -413,8 +413,8 @@ def remedies_for(
             ))
         else:
             r.add(4, (
-                f"Raise the forget-gate bias of `{layer}` (entries [H:2H] of bias_ih/bias_hh) to 1, or ~3 for "
-                "~50-step memories: a fraction sigmoid(bias)^T of the cell survives T steps at init."
+                f"If `{layer}` is an LSTM, raise its forget-gate bias (entries [H:2H] of bias_ih/bias_hh) to 1, or ~3 "
+                "for ~50-step memories: a fraction sigmoid(bias)^T of the cell survives T steps at init."
             ))
         r.add(3, (
             "Shorten the span the gradient must cross: a loss at every time step (not only the last), shorter "

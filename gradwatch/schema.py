@@ -60,9 +60,10 @@ GRAD_TO_PARAM = "grad_to_param"
 NONFINITE_COUNT = NONFINITE  # per-layer count of non-finite entries; the same string as the alert kind
 TIME_GRAD_RATIO = "time_grad_ratio"
 TIME_GRAD_DECAY = "time_grad_decay"
+UPDATE_RATIO = "update_ratio"  # ||dw|| / ||w|| of the last logging step's optimizer update (gradwatch.evidence)
 #: Families whose keys carry a layer (or, for the time families, a recurrent module) name.
 LAYER_FAMILIES: tuple[str, ...] = (
-    GRAD_NORM, GRAD_MAX, PARAM_NORM, GRAD_TO_PARAM, NONFINITE_COUNT, TIME_GRAD_RATIO, TIME_GRAD_DECAY,
+    GRAD_NORM, GRAD_MAX, PARAM_NORM, GRAD_TO_PARAM, NONFINITE_COUNT, TIME_GRAD_RATIO, TIME_GRAD_DECAY, UPDATE_RATIO,
 )
 
 # --- fixed keys ---------------------------------------------------------------------------------
@@ -131,6 +132,6 @@ __all__ = [
     "DEAD", "DESYNC", "ERROR", "EXPLODING", "FIXED_KEYS", "GRAD_MAX", "GRAD_NORM", "GRAD_NORM_CLIPPED_TOTAL",
     "GRAD_NORM_TOTAL", "GRAD_TO_PARAM", "INFO", "LAYER_FAMILIES", "LOSS", "NONFINITE", "NONFINITE_COUNT",
     "NONFINITE_TOTAL", "NO_GRADIENT", "PARAM_NORM", "SATURATED", "SEVERITIES", "SKIPPED_STEPS", "SPIKE",
-    "Severity", "TIME_GRAD_DECAY", "TIME_GRAD_RATIO", "TOTAL", "VANISHING", "WARNING", "metric_key",
+    "Severity", "TIME_GRAD_DECAY", "TIME_GRAD_RATIO", "TOTAL", "UPDATE_RATIO", "VANISHING", "WARNING", "metric_key",
     "per_layer", "split_key",
 ]

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.detectors import LossDivergence, SmallUpdates
-from gradwatch.evidence import GradCarry, UpdateTracker
+from gradwatch.evidence import Evidence, GradCarry, UpdateTracker
 from gradwatch.layers import discover_layers
 
 
@@ -97,7 +97,30 @@ def test_update_ratio_samples_at_most_1024_entries_per_tensor():
     assert tracker.memory_bytes == (1000 + 100) * 12  # ceil(30000 / 30) = 1000 weight entries, every bias entry
 
 
-def test_input_scale_and_update_ratio_and_lr_are_metrics_at_logging_steps():
+def test_input_scale_is_measured_on_logging_steps_only():
+    torch.manual_seed(0)
+    model = mlp()
+    armed = [True]
+    ev = Evidence(model, discover_layers(model, "module"), lambda: armed[0])
+    ev.bind(ev.layers, torch.device("cpu"))
+    x = 100 * batch(0)[0]
+    model(x)
+    ev.begin(0, None, None)
+    values = {k: v.tolist() for k, v in ev.readout().items()}
+    ev.absorb(values)
+    snap = ev.snapshot()
+    assert snap.input_rms == pytest.approx(float(x.double().square().mean().sqrt()), rel=1e-6)
+    assert snap.input_max == pytest.approx(float(x.abs().max()), rel=1e-6)
+    assert snap.batch_size == 64
+    armed[0] = False  # a non-logging step's forward: the hook does nothing
+    with count_syncs() as calls:
+        model(x)
+    assert calls == [] and "input" not in ev.readout()
+    ev.remove()
+    assert not model._forward_pre_hooks
+
+
+def test_update_ratio_is_a_metric_at_logging_steps_and_the_optimizer_is_evidence():
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -105,19 +128,18 @@ def test_input_scale_and_update_ratio_and_lr_are_metrics_at_logging_steps():
     reports = []
     for t in range(3):
         x, y = batch(t)
-        loss = F.cross_entropy(model(100 * x), y)
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         reports.append(mon.step(loss=loss, optimizer=opt))
         opt.step()
         opt.zero_grad()
     mon.close()
     m0, m2 = reports[0].metrics, reports[2].metrics
-    x0 = (100 * batch(0)[0]).double()
-    assert m0["input/rms"] == pytest.approx(float(x0.square().mean().sqrt()), rel=1e-6)
-    assert m0["lr"] == 0.05
+    opt_info = mon._evidence.snapshot().optimizer
+    assert opt_info is not None and opt_info.describe() == "SGD lr 0.05"
     assert not any(k.startswith("update_ratio/") for k in m0)  # nothing measured before the first update
     assert set(k for k in m2 if k.startswith("update_ratio/")) == {"update_ratio/0", "update_ratio/2", "update_ratio/4"}
-    assert all(v > 0 for k, v in m2.items() if k.startswith("update_ratio/"))
+    assert all(0 < v < 1 for k, v in m2.items() if k.startswith("update_ratio/"))
 
 
 def test_grad_carry_answers_on_the_host_for_new_tensors():

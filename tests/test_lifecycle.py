@@ -66,7 +66,8 @@ def test_close_removes_every_hook_and_model_pickles(mode):
     assert monitor.step_count == 3
     # Activation hooks stay while monitoring; the forward-order hooks went at the first step.
     live = _hook_counts(model, opt)
-    assert (live["forward"], live["forward_pre"]) == (2, 0)  # ReLU and Sigmoid
+    # ReLU and Sigmoid; the input-scale pre-hook on the model (issue 11), armed on logging steps only.
+    assert (live["forward"], live["forward_pre"]) == (2, 1)
     monitor.close()
     monitor.close()  # idempotent
     assert _hook_counts(model, opt) == NO_HOOKS
