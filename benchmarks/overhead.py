@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -195,6 +196,9 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Workload
 
 
 # ------------------------------------------------------------------------------------- variants
+_RUNS = itertools.count()  # each monitor writes a file of its own
+
+
 class Variant:
     """Something done to each training step: set up, a call after backward, torn down."""
 
@@ -211,7 +215,8 @@ class Variant:
         self._model = model
         n = self.name
         if n in ("default", "every1", "acts", "agc"):
-            kw: dict[str, Any] = {"sinks": [gw.sinks.JSONL(self.tmp / f"{n}.jsonl")], "on_alert": "ignore"}
+            sink = gw.sinks.JSONL(self.tmp / f"{n}-{next(_RUNS)}.jsonl")
+            kw: dict[str, Any] = {"sinks": [sink], "on_alert": "ignore"}
             if n == "every1":
                 kw["log_every"] = 1
             elif n == "acts":

@@ -163,7 +163,7 @@ def _matches(name: str, wanted: str) -> bool:
     return name == wanted or name.startswith(wanted + ".")
 
 
-class AGC:
+class AGC(_Stateless):
     """Unit-wise adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale
     Image Recognition Without Normalization").
 
@@ -250,12 +250,6 @@ class AGC:
                     mins.append(coef.min().to(dev))
         coef = torch.stack(mins).min()
         return ClipResult(torch.full_like(coef, self.clipping), coef)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
 
     def __repr__(self) -> str:
         extra = ", exclude_1d=True" if self.exclude_1d else ""
