@@ -216,9 +216,10 @@ class Exploding(WindowedChecks):
       converges. Four orders of magnitude leave a wide margin.
     * ``overflow``: the explosion outruns the persistence. It holds on a step whose total norm,
       growing at this step's rate, reaches float32's overflow (3.4e38) within ``persist`` steps, and
-      on a non-finite step that follows fast growth (>= 10x in one step: healthy norms move by less
-      than 3x) or a step where another exploding condition held: that Inf is where the explosion
-      ends, so ``exploding`` is raised no later than ``nonfinite``. Fires on the step it is seen.
+      on a non-finite step that follows fast growth (>= 10x in one step, the step before not falling:
+      healthy norms move by less than 3x) or a step where another exploding condition held: that Inf
+      is where the explosion ends, so ``exploding`` is raised no later than ``nonfinite``. Fires on
+      the step it is seen.
 
     Severity-scaled persistence: ``depth``, ``ratio`` and ``total`` fire on the step they are seen when
     four orders of magnitude past their threshold (``ratio`` > 5e5 with the default: 2.5e5x what healthy
@@ -261,7 +262,7 @@ class Exploding(WindowedChecks):
         self.state.add_state("growth_ref.count", lambda dev: torch.zeros((), device=dev))
         # The last step of the previous window: its total norm, growth rate, and whether a check held.
         self.state.add_state("last.total", lambda dev: torch.full((1,), float("nan"), device=dev))
-        self.state.add_state("last.rate", lambda dev: torch.zeros(1, device=dev))
+        self.state.add_state("last.rate", lambda dev: torch.full((2,), float("nan"), device=dev))  # t-2, t-1
         self.state.add_state("last.held", lambda dev: torch.zeros(1, dtype=torch.bool, device=dev))
         self.state.bind(ctx.device)
         self._imm: list[Tensor] | None = None
@@ -326,16 +327,20 @@ class Exploding(WindowedChecks):
         finite = torch.isfinite(total) & (total > 0)
         prev = torch.cat([st["last.total"], total[:-1]])
         prev_ok = torch.isfinite(prev) & (prev > 0)
-        rate = torch.where(finite & prev_ok, total / prev.clamp_min(TINY), 0.0)
-        prev_rate = torch.cat([st["last.rate"], rate[:-1]])
+        rate = torch.where(finite & prev_ok, total / prev.clamp_min(TINY), float("nan"))  # NaN: unknown
+        rates = torch.cat([st["last.rate"], rate])
+        prev_rate, prev2_rate = rates[1:-1], rates[:-2]
         prev_held = torch.cat([st["last.held"], held[:-1]])
+        # Growth, not an oscillation: >= 10x into the step before, and not falling the step before that
+        # (a norm alternating between two branches' scales is not an explosion).
+        growing = (prev_rate >= _FAST_GROWTH) & ~(prev2_rate < 1)
         # log(total) + persist * log(rate) >= log(float32 max): Inf within the persistence window at this rate.
         to_inf = finite & (rate > 1) & (
             total.clamp_min(TINY).log() + self.persist * rate.clamp_min(1).log() >= math.log(_F32_MAX)
         )
-        after_growth = ~torch.isfinite(total) & ((prev_rate >= _FAST_GROWTH) | prev_held)
+        after_growth = ~torch.isfinite(total) & (growing | prev_held)
         st["last.total"] = total[-1:]
-        st["last.rate"] = rate[-1:]
+        st["last.rate"] = rates[-2:]
         st["last.held"] = held[-1:]
         return to_inf | after_growth, torch.where(finite, rate, prev_rate)
 
@@ -410,7 +415,7 @@ class Exploding(WindowedChecks):
                     _FAST_GROWTH,
                     "error",
                     f"Exploding gradients at step {f.step}: {how}; too fast to wait for {self.persist} steps.",
-                    evidence=(("prior_growth", max(f.value, _FAST_GROWTH)),),
+                    evidence=(("prior_growth", f.value if f.value >= _FAST_GROWTH else _FAST_GROWTH),),
                 )
             )
         for f in fired["total"]:
