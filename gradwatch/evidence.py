@@ -614,7 +614,7 @@ class Evidence:
         self._ratio: tuple[int, Tensor] | None = None  # measured, waiting for the next readout
         self._input: Tensor | None = None
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
-        self._optimized: tuple[int, Tensor | None] | None = None  # (id of optimizer, bool[L] mask)
+        self._optimized: tuple[tuple[int, int], Tensor | None] | None = None  # ((id, size) of optimizer, bool[L])
         self._unreached_key: tuple[int, ...] = ()
         self._unreached: Tensor | None = None
         self._last = EvidenceSnapshot()
@@ -673,7 +673,8 @@ class Evidence:
             if opt is None:
                 return None
             optimizer = opt
-        key = id(optimizer)
+        # Keyed by identity and size: a param group added later (add_param_group) changes the mask.
+        key = (id(optimizer), sum(len(g["params"]) for g in optimizer.param_groups))
         if self._optimized is None or self._optimized[0] != key:
             flags = optimized_layers(optimizer, self.layers)
             mask = torch.tensor(flags, dtype=torch.bool, device=self.device) if flags else None
@@ -683,13 +684,14 @@ class Evidence:
     def _inert(self, optimizer: torch.optim.Optimizer | None) -> bool:
         if optimizer is None:
             return False
+        key = (id(optimizer), sum(len(g["params"]) for g in optimizer.param_groups))
         cached = getattr(self, "_inert_cache", None)
-        if cached is not None and cached[0] == id(optimizer):
+        if cached is not None and cached[0] == key:
             return cached[1]
         held = {id(p) for x in self.layers for p in x.params}
         params = [p for g in optimizer.param_groups for p in g["params"]]
         inert = bool(params) and not any(id(p) in held for p in params) and all(not p.requires_grad for p in params)
-        self._inert_cache = (id(optimizer), inert)
+        self._inert_cache = (key, inert)
         return inert
 
     def _unreached_mask(self, unreached: tuple[int, ...]) -> Tensor | None:
