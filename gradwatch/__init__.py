@@ -10,6 +10,7 @@ import logging as _logging
 from gradwatch import clip, schema, sinks
 from gradwatch.alerts import Alert
 from gradwatch.detectors import (
+    Accumulating,
     ActivationStats,
     Dead,
     Detector,
@@ -19,9 +20,12 @@ from gradwatch.detectors import (
     Finding,
     GradStats,
     Latch,
+    LossDivergence,
+    NoGradient,
     NonFinite,
     Persistence,
     Saturated,
+    SmallUpdates,
     Spike,
     StepEvidence,
     TimeVanishing,
@@ -40,6 +44,7 @@ __version__ = "0.1.0"
 _logging.getLogger("gradwatch").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "Accumulating",
     "ActivationStats",
     "Alert",
     "Dead",
@@ -50,6 +55,9 @@ __all__ = [
     "Finding",
     "GradStats",
     "Latch",
+    "LossDivergence",
+    "NoGradient",
+    "SmallUpdates",
     "LayerRow",
     "Persistence",
     "PreflightReport",
