@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
 from gradwatch.detectors.base import DeviceState
-from gradwatch.stats import Gathered, GradStats
+from gradwatch.stats import Gathered, GradStats, total_norm
 
 if TYPE_CHECKING:
     from gradwatch.layers import Layer
@@ -61,24 +61,6 @@ def scale_(gathered: Gathered, coef: Tensor) -> None:
     for grads, _, _ in gathered.groups:
         c = coef.to(grads[0].device, non_blocking=True)
         torch._foreach_mul_(grads, c)
-
-
-def total_norm(gathered: Gathered, norm_type: float, device: torch.device) -> Tensor:
-    """Total ``norm_type``-norm of the gathered gradients, in float32 on ``device``."""
-    if gathered.sharded:  # FSDP2 / DTensor: local shards made global (one collective)
-        from gradwatch.distributed import global_norm
-
-        return global_norm([(g, k) for (g, _, _), k in zip(gathered.groups, gathered.reduce_keys)], norm_type, device)
-    parts = []
-    for grads, _, _ in gathered.groups:
-        if grads[0].dtype in (torch.float16, torch.bfloat16):
-            norms = torch._foreach_norm(grads, norm_type, dtype=torch.float32)
-        else:
-            norms = torch._foreach_norm(grads, norm_type)
-        parts.append(torch.linalg.vector_norm(torch.stack(norms).float(), norm_type).to(device))
-    if not parts:
-        return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(parts), norm_type)
 
 
 class _Stateless:

@@ -171,8 +171,9 @@ def global_norm(groups: list[tuple[list[Tensor], ReduceKey]], norm_type: float, 
         if not tensors and not key:
             continue
         if tensors:
-            kw = {"dtype": torch.float32} if tensors[0].dtype in (torch.float16, torch.bfloat16) else {}
-            norms = torch.stack(torch._foreach_norm(tensors, norm_type, **kw)).float().to(device)
+            from gradwatch.stats import foreach_norms  # stats imports this module
+
+            norms = foreach_norms(tensors, norm_type).to(device)
             part = norms.max() if inf else norms.pow(norm_type).sum()
         else:
             part = torch.zeros((), device=device)

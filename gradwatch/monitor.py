@@ -24,7 +24,7 @@ from gradwatch._options import MonitorOptions
 from gradwatch.activations import ActivationTracker
 from gradwatch.alerts import Alert, AlertLog
 from gradwatch.amp import AmpWatch
-from gradwatch.clip import Clipper, ClipResult, total_norm
+from gradwatch.clip import Clipper, ClipResult
 from gradwatch.desync import DesyncCheck
 from gradwatch.detectors import Detector, DetectorContext, Finding, StepEvidence, default_detectors
 from gradwatch.distributed import agree_max, fsdp1_message, is_distributed, is_rank_zero
@@ -38,7 +38,7 @@ from gradwatch.remedies import inspect_model, remedies_for
 from gradwatch.sinks.base import Sink, SinkSet
 from gradwatch.sinks.console import Console
 from gradwatch.skip import DEVICE, HOST, DeviceSkip, drop_grads_, supports_device_skip
-from gradwatch.stats import Gathered, GradStats, StatsCollector
+from gradwatch.stats import Gathered, GradStats, StatsCollector, total_norm
 from gradwatch.temporal import RECURRENT_TYPES, TimeProfile, TimeProfiler
 
 log = logging.getLogger("gradwatch")

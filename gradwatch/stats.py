@@ -91,17 +91,45 @@ def _keys(gathered: Gathered) -> list[ReduceKey]:
 PER_TENSOR_MAX_DEVICES: tuple[str, ...] = ("cpu",)
 
 
+def foreach_norms(tensors: list[Tensor], ord: float) -> Tensor:
+    """float32[len(tensors)]: each tensor's ``ord``-norm, one fused kernel (half types reduced in float32).
+
+    The one foreach-norm helper: statistics, clipping and the sharded global norm all use it.
+    """
+    if tensors[0].dtype in _HALF:
+        out = torch._foreach_norm(tensors, ord, dtype=torch.float32)
+    else:
+        out = torch._foreach_norm(tensors, ord)
+    return torch.stack(out).to(torch.float32)
+
+
 def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Tensor:
     if ord == float("inf") and tensors[0].device.type in PER_TENSOR_MAX_DEVICES:
         # On CPU, _foreach_norm(ord=inf) runs an unvectorised |x| then max: ~15x the time of the
         # L2 pass (benchmarks/README.md). max(|min|, max) from one aminmax pass reads the data once.
         lo, hi = zip(*(torch.aminmax(t) for t in tensors))
         return torch.maximum(torch.stack(hi), torch.stack(lo).neg()).to(torch.float32)
-    if dtype in _HALF:
-        out = torch._foreach_norm(tensors, ord, dtype=torch.float32)
-    else:
-        out = torch._foreach_norm(tensors, ord)
-    return torch.stack(out).to(torch.float32)
+    return foreach_norms(tensors, ord)
+
+
+def total_norm(gathered: Gathered, norm_type: float, device: torch.device) -> Tensor:
+    """Total ``norm_type``-norm of the gathered gradients, in float32 on ``device``.
+
+    Computed once, applied separately (as ``torch.nn.utils.clip_grad``): the clippers and the
+    post-clip figure call it; sharded (FSDP2 / DTensor) local shards are made global with one
+    collective.
+    """
+    if gathered.sharded:
+        from gradwatch.distributed import global_norm
+
+        return global_norm([(g, k) for (g, _, _), k in zip(gathered.groups, gathered.reduce_keys)], norm_type, device)
+    parts = [
+        torch.linalg.vector_norm(foreach_norms(grads, norm_type), norm_type).to(device)
+        for grads, _, _ in gathered.groups
+    ]
+    if not parts:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(parts), norm_type)
 
 
 class StatsCollector:
