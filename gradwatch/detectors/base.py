@@ -465,6 +465,9 @@ class Persistence:
             steps: float32[T], the rows' step numbers.
             immediate: bool[T, n] or ``None``.
         """
+        if cond.shape[0] == 1:  # one step (log_every=1): the step-by-step form is 4x fewer ops
+            self.update(cond[0], value[0], steps[0], None if immediate is None else immediate[0])
+            return
         t = torch.arange(cond.shape[0], device=cond.device, dtype=torch.float32).unsqueeze(1)
         last_false = torch.where(cond, -1.0, t).cummax(0).values  # -1: held on every row so far
         streak = t - last_false + (last_false < 0) * self.streak
@@ -568,7 +571,7 @@ def stacked(rows: Sequence[StepEvidence], name: str, get: Callable[[StepEvidence
 
     def make() -> Tensor:
         items = [get(ev) for ev in rows]
-        if all(x is items[0] for x in items):
+        if all(x is items[0] for x in items):  # also one row (log_every=1): a view, no copy
             return items[0].unsqueeze(0)
         return torch.stack(items)
 
