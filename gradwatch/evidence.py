@@ -45,6 +45,8 @@ from gradwatch.layers import Layer, is_compiling
 
 __all__ = [
     "UPDATE_SAMPLE",
+    "AttentionProbe",
+    "AttentionSample",
     "EvidenceSnapshot",
     "GradCarry",
     "GradSample",
@@ -360,6 +362,122 @@ class InputScale:
             self._handle = None
 
 
+# Attention q/k projections, in pairs of sibling modules (the names remedies recognise as q/k).
+_QK_PAIRS = (("q", "k"), ("query", "key"), ("q_proj", "k_proj"), ("wq", "wk"), ("to_q", "to_k"), ("q_lin", "k_lin"))
+#: Query rows whose scores are formed: the first samples of the batch, up to 512 rows (512 positions of one
+#: sample at most: a 512 x 512 matrix, 1 MiB in float32).
+ATTENTION_POSITIONS = 512
+
+
+@dataclass
+class AttentionSample:
+    """How much gradient the softmax of each attention (q, k) pair passes, measured at a logging step.
+
+    Attributes:
+        pairs: ``(q module, k module)`` names, one per pair.
+        passing: float32[P], the trace of the softmax's Jacobian ``diag(p) - p p^T``, i.e. ``1 - sum(p^2)``,
+            over its largest value ``1 - 1/n`` (a uniform attention over ``n`` keys), averaged over the query
+            rows, with the scores taken as ``q @ k.T / d``: 1 for a uniform attention, ~0 for a one-hot one
+            (NaN: the pair did not run).
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    passing: Tensor
+
+
+def attention_pairs(model: nn.Module) -> list[tuple[str, str, nn.Module, nn.Module]]:
+    """Sibling ``nn.Linear`` q/k projections of ``model`` (``q``/``k``, ``q_proj``/``k_proj``, ...)."""
+    mods = dict(model.named_modules())
+    out = []
+    for name, m in mods.items():
+        if not isinstance(m, nn.Linear) or not name:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        for qn, kn in _QK_PAIRS:
+            if leaf.lower() != qn:
+                continue
+            k_name = f"{parent}.{leaf[: len(leaf) - len(qn)]}{kn}" if parent else kn
+            k_name = next((n for n in mods if n.lower() == k_name.lower() and isinstance(mods[n], nn.Linear)), "")
+            if k_name:
+                out.append((name, k_name, m, mods[k_name]))
+    return out
+
+
+class AttentionProbe:
+    """Softmax saturation of hand-written attention, from its q/k projections' outputs, on logging steps.
+
+    Forward hooks on each (q, k) pair of sibling ``nn.Linear`` modules (:func:`attention_pairs`), armed by
+    ``armed()`` (the coming forward precedes a logging step), keep the first samples' projections (at most
+    :data:`ATTENTION_POSITIONS` query rows); :meth:`take` forms the scores ``q @ k.T / d`` and measures how
+    much gradient their softmax passes (:class:`AttentionSample`).
+
+    The forward's own scale is not visible, so the scores are divided by ``d`` (the projections' width):
+    no smaller than any scale in use (``1/sqrt(d_head)``, or muP's ``1/d_head``), and all heads summed in one
+    dot product grow it by at most ``sqrt(heads)``. The figure is a lower bound on the real saturation: a
+    pair it calls saturated saturates in any of those scalings, and a healthy attention (scores of unit
+    scale) sits far below. Nothing runs on other steps; under ``torch.compile`` the hooks are no-ops.
+
+    Args:
+        model: the watched model.
+        device: where the figures are kept.
+        armed: whether the coming forward precedes a logging step.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, armed: Callable[[], bool]) -> None:
+        found = attention_pairs(model)
+        self.pairs = tuple((q, k) for q, k, _, _ in found)
+        self.device = device
+        self._armed = armed
+        self._out: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        ref = weakref.ref(self)
+        for q, k, qm, km in found:
+            for name, mod in ((q, qm), (k, km)):
+                self._handles.append(mod.register_forward_hook(self._hook(ref, name)))
+
+    @staticmethod
+    def _hook(ref: weakref.ref[AttentionProbe], name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            if is_compiling():
+                return
+            me = ref()
+            if me is None or name in me._out or not me._armed() or not isinstance(output, Tensor):
+                return
+            if output.dim() < 2 or not output.is_floating_point() or output.numel() == 0:
+                return
+            y = output.detach()
+            y = y.reshape(-1, y.shape[-2], y.shape[-1]) if y.dim() > 2 else y.unsqueeze(0)  # (B, T, d)
+            y = y[:, :ATTENTION_POSITIONS]
+            me._out[name] = y[: max(1, ATTENTION_POSITIONS // y.shape[1])]
+
+        return hook
+
+    def take(self) -> AttentionSample | None:
+        """The saturation of every pair measured since the last take, or ``None`` (device ops only)."""
+        if not self._out:
+            return None
+        out, self._out = self._out, {}
+        fracs = []
+        nan = torch.full((), float("nan"), device=self.device)
+        with torch.no_grad():
+            for q, k in self.pairs:
+                a, b = out.get(q), out.get(k)
+                if a is None or b is None or a.shape[-1] != b.shape[-1] or b.shape[1] < 2:
+                    fracs.append(nan)
+                    continue
+                n = min(a.shape[0], b.shape[0])
+                p = torch.softmax(a[:n].float() @ b[:n].float().transpose(1, 2) / a.shape[-1], -1)
+                passing = (1 - p.square().sum(-1)).mean() / (1 - 1 / p.shape[-1])
+                fracs.append(passing.to(self.device))
+        return AttentionSample(self.pairs, torch.stack(fracs))
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 @dataclass
 class GradSample:
     """A strided sample of this step's gradients, for layers whose gradient tensors persist across steps.
@@ -606,6 +724,9 @@ class Evidence:
         # The model's own input (one hook on the root, never moved: a hook added or moved on a module
         # of a compiled model would make torch.compile recompile).
         self.input: InputScale | None = InputScale(model, "", device, armed) if self.layers else None
+        # Softmax saturation of hand-written attention (q/k projection pairs), hooked once here, never moved.
+        probe = AttentionProbe(model, device, armed)
+        self.attention: AttentionProbe | None = probe if probe.pairs else None
         self.device = device
         self.updates: UpdateTracker | None = None
         self.carry: GradCarry | None = None
@@ -649,6 +770,7 @@ class Evidence:
             if x is not None:
                 self._input = x
         carried = self.carry.observe()
+        attention = self.attention.take() if self.attention is not None else None
         if loss is not None and self.loss is not None:
             self.loss.add(loss, host_step)
         if optimizer is not None:
@@ -660,6 +782,7 @@ class Evidence:
             "carried": carried,
             "unreached": self._unreached_mask(unreached),
             "update_ratio": measured[1] if measured is not None else None,
+            "attention": attention,
         }
 
     def end(self, step: int, logging: bool) -> None:
@@ -831,5 +954,7 @@ class Evidence:
         """Remove every hook (input scale, reach probes)."""
         if self.input is not None:
             self.input.remove()
+        if self.attention is not None:
+            self.attention.remove()
         if self.probe is not None:
             self.probe.remove()

@@ -377,3 +377,79 @@ def test_recurrent_models_are_profiled_across_time_by_default():
     assert gw.GradWatch(gru, sinks=[]).track_time is True
     assert gw.GradWatch(gru, sinks=[], track_time=False).track_time is False
     assert gw.GradWatch(nn.Linear(3, 3), sinks=[]).track_time is False
+
+
+# ---------------------------------------------------------------------------------------- attention
+class _Attention(nn.Module):
+    """Single-head self-attention over (batch, 16, 32) inputs; ``scale`` on the scores, q/k weights times ``gain``."""
+
+    def __init__(self, scale: float, gain: float) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+        self.scale = scale
+        with torch.no_grad():
+            self.q.weight.mul_(gain)
+            self.k.weight.mul_(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) * self.scale, -1)
+        return self.head((x + p @ self.v(x)).mean(1))
+
+
+def _attention_batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(32, 16, 32, generator=torch.Generator().manual_seed(t))
+    return x, (x[:, :, :4].sum((1, 2)) > 0).long() * 2 + (x[:, 0, 4] > 0).long()
+
+
+def test_attention_probe_measures_the_softmax_jacobian_trace_against_float64():
+    torch.manual_seed(0)
+    model = _Attention(1.0, 4.0)
+    armed = [True]
+    ev = Evidence(model, discover_layers(model, "module"), lambda: armed[0])
+    assert ev.attention is not None and ev.attention.pairs == (("q", "k"),)
+    x = _attention_batch(0)[0]
+    model(x)
+    sample = ev.attention.take()
+    armed[0] = False  # a non-logging step's forward: the hooks keep nothing, and no host read happens
+    with count_syncs() as calls:
+        model(x)
+    assert calls == [] and ev.attention.take() is None
+    with torch.no_grad():
+        q, k = model.q(x).double(), model.k(x).double()
+        p = torch.softmax(q @ k.transpose(1, 2) / 32, -1)
+        want = float((1 - p.square().sum(-1)).mean() / (1 - 1 / 16))
+    assert sample is not None and sample.pairs == (("q", "k"),)
+    assert float(sample.passing[0]) == pytest.approx(want, rel=1e-5)
+    ev.remove()
+    assert not model.q._forward_hooks and not model.k._forward_hooks
+
+
+def _train_attention(scale: float, gain: float, steps: int = 60) -> gw.GradWatch:
+    torch.manual_seed(0)
+    model = _Attention(scale, gain)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore")
+    for t in range(steps):
+        x, y = _attention_batch(t)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        mon.step(loss=loss, optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    return mon
+
+
+def test_saturated_attention_is_vanishing_on_q_and_k_with_the_score_scale_first():
+    mon = _train_attention(1.0, 32.0)  # no 1/sqrt(d), q/k weights 32x PyTorch's init
+    assert kinds(mon) == [("vanishing", 20)]  # measured at steps 0, 10, 20: three logging steps
+    alert = mon.alerts[0]
+    assert alert.layer == "q"
+    assert alert.message.startswith("Vanishing gradients through attention at step 20: the softmax of the scores of q")
+    assert alert.remedies[0].startswith("Scale the attention scores by 1/sqrt(d)")
+
+
+@pytest.mark.parametrize("scale, gain", [(32**-0.5, 1.0), (1.0, 1.0)])
+def test_healthy_attention_is_silent(scale, gain):
+    assert kinds(_train_attention(scale, gain)) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from gradwatch.detectors.accumulating import Accumulating
 from gradwatch.detectors.activations import Dead, Saturated
+from gradwatch.detectors.attention import AttentionSaturation
 from gradwatch.detectors.base import (
     ActivationStats,
     Detector,
@@ -34,6 +35,7 @@ from gradwatch.detectors.updates import SmallUpdates
 __all__ = [
     "Accumulating",
     "ActivationStats",
+    "AttentionSaturation",
     "Dead",
     "Detector",
     "DetectorContext",
@@ -61,5 +63,5 @@ def default_detectors() -> list[Detector]:
     """The built-in detectors with their calibrated defaults."""
     return [
         NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated(), TimeVanishing(),
-        NoGradient(), Accumulating(), LossDivergence(), SmallUpdates(),
+        NoGradient(), Accumulating(), LossDivergence(), SmallUpdates(), AttentionSaturation(),
     ]

@@ -29,7 +29,7 @@ from gradwatch.layers import Layer
 from gradwatch.stats import GradStats
 
 if TYPE_CHECKING:
-    from gradwatch.evidence import GradSample
+    from gradwatch.evidence import AttentionSample, GradSample
     from gradwatch.temporal import TimeProfile
 
 __all__ = [
@@ -118,6 +118,8 @@ class StepEvidence:
         unreached: bool[L], probed layers (exactly zero at a logging step) that no backward reached.
         update_ratio: float32[L], ``||dw|| / ||w||`` of the last logging step's update, on the step it
             is measured (the next one), else ``None``.
+        attention: softmax saturation of hand-written attention's q/k pairs
+            (:class:`~gradwatch.evidence.AttentionSample`), on logging steps, else ``None``.
         cache: values derived from the evidence this step, shared by detectors (see :meth:`derived`).
     """
 
@@ -132,6 +134,7 @@ class StepEvidence:
     carried: GradSample | None = None
     unreached: Tensor | None = None
     update_ratio: Tensor | None = None
+    attention: AttentionSample | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
 
     def derived(self, key: Any, make: Callable[[], Any]) -> Any:
