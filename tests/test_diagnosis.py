@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
-from gradwatch.detectors import LossDivergence, SmallUpdates
+from gradwatch.detectors import LossDivergence, Oscillation, SmallUpdates
 from gradwatch.evidence import Evidence, GradCarry, UpdateTracker
 from gradwatch.layers import discover_layers
 
@@ -453,3 +453,48 @@ def test_saturated_attention_is_vanishing_on_q_and_k_with_the_score_scale_first(
 @pytest.mark.parametrize("scale, gain", [(32**-0.5, 1.0), (1.0, 1.0)])
 def test_healthy_attention_is_silent(scale, gain):
     assert kinds(_train_attention(scale, gain)) == []
+
+
+# -------------------------------------------------------------------------------------- oscillation
+def _train_circles(batch_size: int, lr: float, steps: int = 120) -> gw.GradWatch:
+    from gradwatch.bench.data import Sampler, circles
+
+    x, y = circles()
+    batches = Sampler(x, y, batch_size)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(), nn.Linear(64, 64), nn.LeakyReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore")
+    for t in range(steps):
+        xb, yb = batches(t)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        mon.step(loss=loss, optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    return mon
+
+
+def test_oscillating_loss_with_one_sample_per_step_is_named_with_the_batch_size():
+    mon = _train_circles(1, 1.0)  # AUTOTRAINER's oscillating loss: SGD lr 1.0, batch size 1
+    assert kinds(mon) == [("spike", 50)]
+    alert = mon.alerts[0]
+    assert alert.message.startswith("Unstable training at step 50: updates moved a layer by ")
+    assert alert.remedies[0].startswith("Raise the batch size: with 1 sample(s) per step")
+
+
+def test_the_same_model_with_batches_of_32_is_silent():
+    assert kinds(_train_circles(32, 0.1)) == []
+
+
+def test_oscillation_needs_large_updates_and_a_loss_that_does_not_improve():
+    det = Oscillation()
+    flat = [1.0] * 40
+    # Large updates at logging steps 0, 10, 20 with a flat loss: fires at the third.
+    assert det.fold(flat, list(range(40)), [0.3, 0.2, 0.5], [0, 10, 20]) == [(20, 0.5)]
+    det = Oscillation()
+    falling = [2.0 * 0.97**t for t in range(40)]  # the EMA improves by 1% every step or so
+    assert det.fold(falling, list(range(40)), [0.3, 0.2, 0.5], [0, 10, 20]) == []
+    det = Oscillation()
+    assert det.fold(flat, list(range(40)), [0.3, 0.05, 0.5], [0, 10, 20]) == []  # one measurement below 0.1

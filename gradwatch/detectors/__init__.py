@@ -28,6 +28,7 @@ from gradwatch.detectors.depth import Exploding, Vanishing
 from gradwatch.detectors.loss import LossDivergence
 from gradwatch.detectors.no_gradient import NoGradient
 from gradwatch.detectors.nonfinite import NonFinite
+from gradwatch.detectors.oscillation import Oscillation
 from gradwatch.detectors.spike import Spike
 from gradwatch.detectors.time import TimeVanishing
 from gradwatch.detectors.updates import SmallUpdates
@@ -48,6 +49,7 @@ __all__ = [
     "LossDivergence",
     "NoGradient",
     "NonFinite",
+    "Oscillation",
     "Persistence",
     "Saturated",
     "SmallUpdates",
@@ -64,4 +66,5 @@ def default_detectors() -> list[Detector]:
     return [
         NonFinite(), Spike(), Vanishing(), Exploding(), Dead(), Saturated(), TimeVanishing(),
         NoGradient(), Accumulating(), LossDivergence(), SmallUpdates(), AttentionSaturation(),
+        Oscillation(),
     ]
