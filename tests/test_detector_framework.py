@@ -330,8 +330,10 @@ def test_vanishing_depth_and_nonfinite_by_name() -> None:
         ev = evidence(t, s)
         v.update(ev)
         nf.update(ev)
-    # One stacked persistence: [depth (1), zero (L), ratio (L)] side by side.
-    assert {k: t.shape[0] for k, t in v.readout().items()} == {"checks.fired_step": 9, "checks.fired_value": 9}
+    # One stacked persistence: every check's entries side by side (depth: 1, zero and ratio: one per layer).
+    width = sum(sl.stop - sl.start for sl in v.slices.values())
+    assert {k: t.shape[0] for k, t in v.readout().items()} == {"checks.fired_step": width, "checks.fired_value": width}
+    assert [v.slices[k].stop - v.slices[k].start for k in ("depth", "zero", "ratio")] == [1, 4, 4]
     (f,) = v.collect(read(v), 2)
     # early quarter = l0, late quarter = l3: RMS ratio 1e-7
     assert (f.kind, f.source, f.step, f.layer) == ("vanishing", "depth", 1, "l0")

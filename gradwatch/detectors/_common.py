@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int
+from gradwatch._format import fmt  # the one number formatter, re-exported for the detector modules
 from gradwatch.detectors.base import (
     Detector,
     DetectorContext,
@@ -22,9 +23,6 @@ from gradwatch.detectors.base import (
 __all__ = ["WindowedChecks", "fmt"]
 
 
-def fmt(x: float) -> str:
-    """A figure in a message: 3 significant digits, scientific notation far from 1."""
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
 
 
 class WindowedChecks(Detector):
