@@ -36,6 +36,7 @@ class ActivationStats:
     dead: Tensor  # fraction of units zero on the whole batch (ReLU family)
     saturated: Tensor  # fraction of outputs near the asymptotes (sigmoid / tanh)
     seen: Tensor  # bool: the module ran in a training forward
+    active: Tensor | None = None  # fraction of outputs > 0, per sample and unit (ReLU family; He init assumes 1/2)
 
 
 def _unit_dims(y: Tensor) -> tuple[int, ...]:
@@ -64,6 +65,7 @@ class ActivationTracker:
         n = len(self.names)
         self._dead = torch.zeros(n, device=device)
         self._sat = torch.zeros(n, device=device)
+        self._active = torch.zeros(n, device=device)
         self._count = torch.zeros(n, device=device)
 
     def _make_hook(self, i: int, kind: str):
@@ -78,6 +80,7 @@ class ActivationTracker:
                     # amax over the batch dims is ~20x faster on CPU than (y > 0).any(dim=...).
                     alive = y.amax(dim=_unit_dims(y)) > 0 if y.dim() else y > 0
                     self._dead[i] += (1.0 - alive.float().mean()).to(dev)
+                    self._active[i] += (y > 0).float().mean().to(dev)
                 elif kind == "sigmoid":
                     self._sat[i] += ((y < 0.01) | (y > 0.99)).float().mean().to(dev)
                 else:
@@ -89,9 +92,12 @@ class ActivationTracker:
     def take(self) -> ActivationStats:
         """Averages since the last call, then reset (device only)."""
         c = self._count.clamp_min(1)
-        out = ActivationStats(dead=self._dead / c, saturated=self._sat / c, seen=self._count > 0)
+        out = ActivationStats(
+            dead=self._dead / c, saturated=self._sat / c, seen=self._count > 0, active=self._active / c
+        )
         self._dead = torch.zeros_like(self._dead)
         self._sat = torch.zeros_like(self._sat)
+        self._active = torch.zeros_like(self._active)
         self._count = torch.zeros_like(self._count)
         return out
 

@@ -498,3 +498,62 @@ def test_oscillation_needs_large_updates_and_a_loss_that_does_not_improve():
     assert det.fold(falling, list(range(40)), [0.3, 0.2, 0.5], [0, 10, 20]) == []
     det = Oscillation()
     assert det.fold(flat, list(range(40)), [0.3, 0.05, 0.5], [0, 10, 20]) == []  # one measurement below 0.1
+
+
+# -------------------------------------------------------------------------------------- dying ReLUs
+def test_activation_tracker_measures_the_fraction_of_relu_outputs_on():
+    from gradwatch.activations import ActivationTracker
+
+    torch.manual_seed(0)
+    model = mlp(width=16, depth=2)
+    tracker = ActivationTracker(model, torch.device("cpu"))
+    x = batch(0)[0]
+    with torch.no_grad():
+        h1, g1 = torch.relu(model[0](x)), torch.relu(model[0](2 * x))
+        h2, g2 = torch.relu(model[2](h1)), torch.relu(model[2](g1))
+    model(x)
+    model(2 * x)  # two forwards in one step (micro-batches) are averaged
+    got = tracker.take().active
+    want = [((a > 0).double().mean() + (b > 0).double().mean()) / 2 for a, b in ((h1, g1), (h2, g2))]
+    assert got is not None and got.tolist() == pytest.approx([float(w) for w in want], rel=1e-6)
+    tracker.remove()
+
+
+def _deep_narrow_relu(seed: int, steps: int = 20) -> gw.GradWatch:
+    """AUTOTRAINER's 34-layer ReLU net of width 8 (He init) on inputs in [-1, 0], Adam lr 1e-3."""
+    g = torch.Generator().manual_seed(0)
+    x, y = -torch.rand(4096, 4, generator=g), torch.randint(0, 2, (4096,), generator=g)
+    torch.manual_seed(seed)
+    sizes = [4] + [8] * 34 + [2]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()] if i < len(sizes) - 2 else [nn.Linear(sizes[i], 2)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for lin in model[::2]:
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            lin.bias.zero_()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon = gw.GradWatch(model, sinks=[], on_alert="ignore", track_activations=True)
+    for t in range(steps):
+        idx = torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(seed * 1_000_003 + t))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        mon.step(loss=loss, optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    return mon
+
+
+def test_vanishing_explained_by_relus_that_are_off_is_dead_on_the_same_step():
+    mon = _deep_narrow_relu(4)  # the gradient vanishes along depth 5 steps before a layer dies outright
+    first = mon.alerts[0]
+    assert (first.kind, first.step, first.layer) == ("dead", 9, None)
+    assert first.message.startswith("Dying ReLUs at step 9: the gradient vanishes along depth, and the ReLU units")
+    assert first.remedies[0].startswith("Replace `1`, `3`, `5`, `7` (and 30 more, 34 in all) with nn.LeakyReLU")
+    assert all(a.kind != "vanishing" or a.step > 9 for a in mon.alerts)
+
+
+def test_deep_narrow_relu_net_that_survives_is_silent():
+    assert kinds(_deep_narrow_relu(7, steps=40)) == []

@@ -112,13 +112,24 @@ class Vanishing(WindowedChecks):
       with a learning rate <= 1 the relative update is then 10x below float32's resolution
       (1.2e-7), so SGD cannot change those weights at all.
 
+    Dying ReLUs (``track_activations=True``): a ReLU layer passes back ``sqrt(2 f)`` of the gradient
+    (in norm, with He-scaled weights) when a fraction ``f`` of its outputs is on, per sample and unit;
+    He init is derived for ``f = 1/2``. When ``depth`` or ``ratio`` holds on a step where the product of
+    the tracked ReLU layers' ``sqrt(2 f)`` is at most ``sqrt(depth_ratio)`` (1e-2 by default: the units
+    that are off alone cost the gradient at least half of the orders of magnitude that define vanishing),
+    the units switching off are the cause: the finding is ``dead`` (source ``inactive``) instead of
+    ``vanishing``, on the same step. Measured on 34-layer width-8 ReLU nets (Adam 1e-3): the product
+    predicts the measured early/late gradient ratio within ~2x (2e-3 vs 2e-3, 3e-3 vs 2e-3) before a
+    layer dies; weights at 0.3x the He scale with zero biases keep ``f`` ~ 1/2 (ReLU is scale-invariant),
+    so an init that shrinks the signal stays ``vanishing``.
+
     Args:
         depth_ratio: threshold on early/late gradient RMS.
         min_ratio: threshold on ||g|| / ||w|| per layer.
         persist: consecutive steps a condition must hold.
     """
 
-    sources = (("depth", False), ("zero", True), ("ratio", True))
+    sources = (("depth", False), ("zero", True), ("ratio", True), ("dying", False))
 
     def __init__(self, depth_ratio: float = 1e-4, min_ratio: float = 1e-8, persist: int = 3) -> None:
         super().__init__(persist)
@@ -130,7 +141,21 @@ class Vanishing(WindowedChecks):
         self._profile = DepthProfile(ctx)
         self._weight = torch.zeros(len(ctx.layers), dtype=torch.bool, device=ctx.device)
         self._weight[ctx.weight_layers] = True
+        relu = [k == "relu" and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
+        self._relu = torch.tensor(relu, dtype=torch.bool, device=ctx.device) if any(relu) else None
+        self._explained = False  # a dying-ReLU finding was made: later depth/ratio findings are its symptom
         self.state.bind(ctx.device)
+
+    def _dying(self, rows: list[StepEvidence], symptom: Tensor) -> tuple[Tensor, Tensor]:
+        """Per step ``[T]``: the vanishing is the ReLUs' being off (see the class docstring), and the product."""
+        if self._relu is None or any(ev.activations is None or ev.activations.active is None for ev in rows):
+            none = torch.zeros_like(symptom)
+            return none, none.to(torch.float32)
+        active = stacked(rows, "act_active", lambda ev: ev.activations.active)  # type: ignore[union-attr]
+        seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
+        use = self._relu & seen
+        log_gain = 0.5 * torch.where(use, (2 * active).clamp_min(TINY).log(), 0.0).sum(-1)
+        return symptom & (log_gain <= 0.5 * math.log(self.depth_ratio)), log_gain.exp()
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
@@ -149,13 +174,32 @@ class Vanishing(WindowedChecks):
             zero = zero & ~stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else none)
         ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
         low = valid & self._weight & (ratio < self.min_ratio) & (grad_sq > 0)
-        return [depth[0], zero, low], [depth[1], grad_sq, ratio]
+        dying = self._dying(rows, depth[0] | low.any(-1))
+        return [depth[0], zero, low, dying[0]], [depth[1], grad_sq, ratio, dying[1]]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
         names = self.ctx.names
         fired = self.fired_by_source(values)
         out: list[Finding] = []
+        for f in fired["dying"]:
+            out.append(
+                Finding(
+                    "dead",
+                    "inactive",
+                    f.step,
+                    None,
+                    f.value,
+                    math.sqrt(self.depth_ratio),
+                    "warning",
+                    f"Dying ReLUs at step {f.step}: the gradient vanishes along depth, and the ReLU units are on "
+                    f"for so few samples that they alone cut it to {fmt(f.value)}x (a ReLU layer passes sqrt(2 f) "
+                    "of the gradient when a fraction f of its outputs is on; He init assumes f = 1/2).",
+                )
+            )
+        self._explained = self._explained or bool(out)
+        if self._explained:  # the same symptom, explained: its vanishing findings are the dying units'
+            fired["depth"], fired["ratio"] = [], []
         for f in fired["depth"]:
             first = names[self._profile.first_layer]
             out.append(
