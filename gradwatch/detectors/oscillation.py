@@ -24,16 +24,21 @@ __all__ = ["Oscillation"]
 
 _ALPHA = 0.9  # the loss EMA (a ~10-step memory, as the evidence's LossTrack)
 _IMPROVED = 0.99  # the loss improved when its EMA fell 1% below its best: above the batch noise of an EMA
-_STATE = ("count", "ema", "best", "streak", "improved")
+_STATE = ("count", "ema", "best", "streak", "improved", "start", "done")
+# The streak must also span this many optimizer steps: two memories of the loss EMA (alpha 0.9: ~10 steps),
+# so "the loss went nowhere" is a sustained fact whatever log_every is (at log_every=1, three logging steps
+# are three steps: the first steps of a small head on noise move it by 30% and the EMA cannot improve yet).
+_MIN_SPAN = 20
 
 
 class Oscillation(Detector):
     """``spike`` (source ``oscillation``): large updates that do not lower the loss, measurement after measurement.
 
     A measurement (the largest per-layer ``||dw|| / ||w||`` of a logging step's update) counts when it is at
-    least ``min_update``; the alert fires when ``persist`` consecutive measurements count **and** the loss's
-    EMA did not improve by 1% over its best between the first of them and the last (``persist - 1``
-    logging intervals: 20 steps by default). Without a loss (``step(loss=...)``) it stays silent.
+    least ``min_update``; the alert fires when ``persist`` consecutive measurements count, spanning at
+    least 20 optimizer steps (two memories of the loss EMA, whatever ``log_every`` is), **and** the loss's
+    EMA did not improve by 1% over its best between the first of them and the last. Without a loss
+    (``step(loss=...)``) it stays silent.
 
     Default ``min_update=0.1``: the common healthy heuristic is ~1e-3 per step; at 0.1 a tenth of the
     weights is replaced every step, 100x that, and a loss that does not fall meanwhile means the steps
@@ -51,7 +56,7 @@ class Oscillation(Detector):
         super().__init__()
         self.min_update = check_range("min_update", min_update, 0.0, math.inf)
         self.persist = check_int("persist", persist, 2)
-        self.count = self.ema = self.best = self.streak = self.improved = 0.0
+        self.count = self.ema = self.best = self.streak = self.improved = self.start = self.done = 0.0
         self.updates, self.losses = Series(), Series()
 
     def bind(self, ctx: DetectorContext) -> None:
@@ -95,9 +100,13 @@ class Oscillation(Detector):
                 self.streak = 0.0
                 continue
             # A streak starts at a large update; it goes on only while the loss has not improved since.
-            self.streak = self.streak + 1 if self.streak > 0 and not self.improved else 1.0
+            if self.streak > 0 and not self.improved:
+                self.streak += 1
+            else:
+                self.streak, self.start, self.done = 1.0, float(s), 0.0
             self.improved = 0.0
-            if self.streak == self.persist:
+            if self.streak >= self.persist and s - self.start >= _MIN_SPAN and not self.done:
+                self.done = 1.0
                 fired.append((s, v))
         return fired
 
