@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Sampler", "blobs", "circles", "copy_first_token", "images", "markov_tokens", "teacher_classes",
+    "Sampler", "blobs", "circles", "copy_first_token", "images", "key_retrieval", "markov_tokens", "teacher_classes",
     "teacher_regression",
 ]
 
@@ -121,3 +121,23 @@ def copy_first_token(n: int = 1024, length: int = 100, vocab: int = 8, seed: int
     x = torch.zeros(n, length, vocab)
     x[:, 0] = torch.nn.functional.one_hot(tok, vocab).float()
     return x, tok
+
+
+def key_retrieval(
+    n: int = 2048, length: int = 16, dim: int = 32, classes: int = 4, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Retrieve the class stored at the position whose key the query (position 0) repeats.
+
+    Each position carries a fixed random key in features ``[0, 8)``; position 0 repeats (x3) the key of a random
+    position ``q``, which stores the class one-hot (x3) in features ``[8, 8 + classes)``. An attention head
+    that learns to look at ``q`` solves it: its attention becomes sharp because the task asks for it.
+    """
+    g = _gen(seed)
+    x = 0.1 * torch.randn(n, length, dim, generator=g)
+    keys = torch.randn(length, 8, generator=g)
+    x[:, :, :8] = keys
+    q = torch.randint(1, length, (n,), generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x[:, 0, :8] = 3 * keys[q]
+    x[torch.arange(n), q, 8 : 8 + classes] = 3 * torch.nn.functional.one_hot(y, classes).float()
+    return x, y
