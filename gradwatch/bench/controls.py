@@ -140,6 +140,29 @@ def _vae() -> Trial:
     return train(VAE(), data.Sampler(x, x, 32), _vae_loss, steps=100, optimizer=adam(3e-3))
 
 
+@_control("control_vae_kl_warmup", "gradwatch",
+          "the VAE with its KL weight ramped 0 -> 1 over 60 steps: the objective changes under the optimizer")
+def _vae_kl_warmup() -> Trial:
+    x, _ = data.images()
+    seeded(0)
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batches = data.Sampler(x, x, 32)
+    monitor = monitor_for(model)
+    steps = 100
+    for step in range(steps):
+        xb, _ = batches(step)
+        rec, mu, logvar = model(xb)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
+        nll = F.binary_cross_entropy_with_logits(rec, xb.flatten(1), reduction="none").sum(1).mean()
+        loss = nll + min(1.0, step / 60) * kl
+        loss.backward()
+        watch_step(monitor, loss, opt)
+        opt.step()
+        opt.zero_grad()
+    return trial_from(monitor, steps)
+
+
 @_control("control_logistic_regression", "gradwatch", "logistic regression (one Linear), SGD lr 0.5")
 def _logreg() -> Trial:
     x, y = data.teacher_classes(classes=2)
