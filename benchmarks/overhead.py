@@ -562,7 +562,7 @@ def _vm_hwm_mib() -> float:
 
 def _size_flags(args: argparse.Namespace) -> list[str]:
     keys = ("mlp_width", "mlp_depth", "batch", "tf_width", "tf_layers", "tf_seq", "tf_batch",
-            "cnn_width", "cnn_blocks", "cnn_res", "cnn_batch", "warmup", "chunk", "threads")
+            "cnn_width", "cnn_blocks", "cnn_res", "cnn_batch", "warmup", "chunk", "threads", "malloc")
     out = []
     for k in keys:
         out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -793,6 +793,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="count host reads per step per variant")
     p.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True,
                    help="count the ATen ops each variant adds to a non-logging and a logging iteration")
+    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                   help="steady (default): glibc keeps freed memory (no trim, no mmap below 1 GiB), so no step "
+                        "pays page faults for what the previous one freed; default: glibc as configured")
     p.add_argument("--child-timeout", type=float, default=600.0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes and counts (smoke test)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -817,9 +820,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_malloc() -> str:
+    """Make glibc keep freed memory for reuse (CPU runs): what ``--malloc steady`` measures under.
+
+    By default glibc hands freed memory back to the OS (heap trim, one ``mmap`` per large block) and
+    adapts its thresholds to the sizes freed so far, so whether a step's gradients and activations land
+    on pages already mapped or page-fault afresh (~22 MiB of faults, +7 ms per backward of the MLP,
+    measured) depends on where the previous steps' small allocations happened to fall in the heap. In
+    an interleaved comparison that charges one configuration for the heap layout another leaves (the
+    bare step after a gradwatch step ran at 20.7 ms backward, the gradwatch step after a bare one at
+    27.5 ms, with ~5,700 minor faults each). Fixed thresholds that never give memory back make every
+    configuration run on a warm heap (as jemalloc/tcmalloc-linked processes do): no step page-faults
+    after warm-up, and the ratios measure the work. Returns what was set (for the JSON).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return "unchanged (not glibc)"
+    libc = ctypes.CDLL(name)
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+    return "steady: glibc M_TRIM_THRESHOLD = M_MMAP_THRESHOLD = 1 GiB" if ok else "unchanged (mallopt refused)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
+    args.malloc_set = steady_malloc() if args.malloc == "steady" and args.device == "cpu" else "glibc defaults"
     if args.memory_child:
         torch.set_num_threads(args.threads)
         memory_child(args)
@@ -827,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     m = results["machine"]
     print(f"\n{m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']}), torch {m['torch']}, "
-          f"Python {m['python']}, load average at start {m['load_average'][0]:.2f}")
+          f"Python {m['python']}, load average at start {m['load_average'][0]:.2f}, malloc {args.malloc_set}")
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -231,6 +231,9 @@ class _Sampler:
                 counts.append(torch.full((k,), i, dtype=torch.long))
         self.index = torch.cat(counts).to(device) if counts else torch.zeros(0, dtype=torch.long, device=device)
         self.entries = int(self.index.numel())
+        # Per parameter: its strided sample as a view kept across steps (weights only), with the
+        # (data_ptr, shape, dtype, device) it was made from; None where no view can be kept.
+        self._views: list[tuple[Tensor, tuple[Any, ...]] | None] | None = None
 
     def take(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """The sampled entries of ``tensors`` (one per parameter, in order), as one float32 vector."""
@@ -244,7 +247,33 @@ class _Sampler:
         return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
 
     def weights(self) -> Tensor:
-        return self.take([p for _, p, _ in self.params])
+        """The sampled weights, as :meth:`take` of every parameter, from views kept across steps.
+
+        A contiguous (non-sharded) parameter's strided sample is a view of its storage: made once, it
+        follows in-place updates (the optimizer's), so a logging step dispatches one ``cat`` instead of
+        three view ops per parameter. A view is remade when the parameter's storage, shape, dtype or
+        device changes (``p.data = ...``, ``model.to(...)``); a host check of metadata, no device work.
+        """
+        if self._views is None:
+            self._views = [None] * len(self.params)
+        parts = []
+        same = True  # every part already float32 on self.device: one cat, no conversion
+        for j, (_, p, stride) in enumerate(self.params):
+            if callable(getattr(p, "to_local", None)) or not p.is_contiguous():
+                part = _flat(p)[::stride]  # a local shard (a new object each step) or a copy: nothing to keep
+            else:
+                key = (p.data_ptr(), p.shape, p.dtype, p.device)
+                kept = self._views[j]
+                if kept is None or kept[1] != key:
+                    kept = self._views[j] = (p.detach().view(-1)[::stride], key)
+                part = kept[0]
+            same = same and part.dtype == torch.float32 and part.device == self.device
+            parts.append(part)
+        if not parts:
+            return torch.zeros(0, device=self.device)
+        if not same:
+            parts = [t.to(self.device, torch.float32) for t in parts]
+        return torch.cat(parts)
 
     def per_layer(self, values: Tensor, n_layers: int) -> Tensor:
         """Sum ``values`` (one per sampled entry) into their layers."""
