@@ -19,6 +19,12 @@ thread (``--threads 1``, the default) the CPU time is the work done, and it is f
 disturbed by other processes on a shared machine than the wall time; on CUDA only the wall
 time (around ``torch.cuda.synchronize``) means anything.
 
+Allocator (CPU): ``--malloc steady`` (the default from the command line) sets glibc's trim and mmap
+thresholds to 1 GiB, so freed memory stays mapped and reused. With glibc's adaptive defaults, whether a
+backward page-faults its ~22 MiB of gradients afresh depends on where earlier small allocations fell in
+the heap, and in an interleaved comparison one configuration pays for the layout another left
+(see :func:`steady_malloc`); ``--malloc default`` measures with glibc as configured.
+
 Variants: ``bare``; gradwatch ``default`` (``log_every=10``), ``every1`` (``log_every=1``),
 ``acts`` (``track_activations=True``), ``agc`` (``clip=gw.clip.AGC()``); each gradwatch
 variant writes its records to a JSONL file in a temporary folder. Peers: ``wandb``
@@ -848,10 +854,11 @@ def steady_malloc() -> str:
     return "steady: glibc M_TRIM_THRESHOLD = M_MMAP_THRESHOLD = 1 GiB" if ok else "unchanged (mallopt refused)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+def main(argv: list[str] | None = None, *, configure_malloc: bool = False) -> int:
+    """Entry point (``configure_malloc``: apply ``--malloc steady`` to this process; the command line does)."""
     args = parse_args(argv)
-    args.malloc_set = steady_malloc() if args.malloc == "steady" and args.device == "cpu" else "glibc defaults"
+    steady = configure_malloc and args.malloc == "steady" and args.device == "cpu"
+    args.malloc_set = steady_malloc() if steady else "glibc defaults"
     if args.memory_child:
         torch.set_num_threads(args.threads)
         memory_child(args)
@@ -875,4 +882,4 @@ def _jsonable(x: Any) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(configure_malloc=True))
