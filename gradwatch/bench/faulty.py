@@ -495,3 +495,111 @@ def _normalise_zero_rows() -> Trial:
     x[::8] = 0.0  # one sample in eight is padding
     seeded(0)
     return train(_Embedder(), data.Sampler(x, y, 64), ce, steps=40, optimizer=adam(1e-3))
+
+
+# ---------------------------------------------------------------- variants added after the detectors were tuned
+# The same pathologies in other programs, added late to check that the diagnosis follows the physics rather than
+# the cases above.
+@_case("sigmoid_cnn_6_conv", "gradwatch", "vanishing", ("architecture",),
+       "6 conv layers with sigmoid activations (no normalisation) on 16x16 images, SGD lr 0.05")
+def _sigmoid_cnn() -> Trial:
+    x, y = data.images()
+    seeded(0)
+    layers: list[nn.Module] = []
+    c = 1
+    for _ in range(6):
+        layers += [nn.Conv2d(c, 8, 3, padding=1), nn.Sigmoid()]
+        c = 8
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return train(model, data.Sampler(x, y, 32), ce, steps=60, optimizer=sgd(0.05))
+
+
+class _ReluRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(8, 32, batch_first=True, nonlinearity="relu")
+        self.head = nn.Linear(32, 8)
+        with torch.no_grad():
+            w = self.rnn.weight_hh_l0
+            w.mul_(3.0 / torch.linalg.eigvals(w).abs().max())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@_case("relu_rnn_radius_3", "gradwatch", "exploding", ("init", "architecture"),
+       "ReLU RNN whose recurrent matrix has spectral radius 3, over 30 steps, Adam lr 1e-3")
+def _relu_rnn() -> Trial:
+    # Measured: loss 4.6e10 at step 0 and ||g||/||w|| of the recurrent weights 4e10 (3^30 = 2e14 growth bound).
+    x, y = data.copy_first_token(length=30)
+    seeded(0)
+    return train(_ReluRNN(), data.Sampler(x, y, 32), ce, steps=40, optimizer=adam(1e-3))
+
+
+@_case("transformer_missing_zero_grad", "gradwatch", "accumulating", ("zero_grad",),
+       "the causal transformer LM trained with AdamW without optimizer.zero_grad()")
+def _transformer_no_zero_grad() -> Trial:
+    from gradwatch.bench.models import TinyTransformerLM
+
+    x, y = data.markov_tokens()
+    seeded(0)
+
+    def lm_loss(out: Tensor, t: Tensor) -> Tensor:
+        return ce(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+
+    return train(TinyTransformerLM(), data.Sampler(x, y, 16), lm_loss, steps=60,
+                 optimizer=lambda ps: torch.optim.AdamW(list(ps), lr=1e-3), zero_grad=False)
+
+
+class _GatedBranch(nn.Module):
+    """A residual branch multiplied by a gate left at 0.0 (meant to be learnable, built as a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(20, 64)
+        self.branch = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.head = nn.Linear(64, 5)
+        self.gate = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.stem(x))
+        return self.head(h + self.gate * self.branch(h))
+
+
+@_case("branch_gated_by_constant_zero", "gradwatch", "no_gradient", ("unused_layer",),
+       "a residual branch scaled by a constant 0.0 gate: optimised, but its gradient is exactly zero")
+def _gated_branch() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(_GatedBranch(), data.Sampler(x, y, 64), ce, steps=60, optimizer=adam(1e-3))
+
+
+class _LogFeatures(nn.Module):
+    """log() of ReLU features (meant as log(1 + x)): log(0) = -Inf wherever a unit is off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(20, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.log(F.relu(self.fc(x))))
+
+
+@_case("log_of_relu_features", "gradwatch", "nonfinite", ("numerics",),
+       "features computed as log(relu(Wx)) instead of log1p: log(0) = -Inf on the first step")
+def _log_relu() -> Trial:
+    x, y = data.teacher_classes()
+    seeded(0)
+    return train(_LogFeatures(), data.Sampler(x, y, 64), ce, steps=30, optimizer=adam(1e-3))
+
+
+@_case("one_feature_in_thousands", "gradwatch", "exploding", ("inputs",),
+       "tabular MLP where one of 20 features is in the thousands (not standardised), SGD lr 0.01")
+def _feature_thousands() -> Trial:
+    # Measured: first-layer ||g||/||w|| 25, 153, 161, then the first layer dies (0) and the loss sits at chance.
+    x, y = data.teacher_classes()
+    x = x.clone()
+    x[:, 3] = 1000 + 300 * x[:, 3]
+    seeded(0)
+    return train(mlp([20, 64, 64, 5]), data.Sampler(x, y, 64), ce, steps=60, optimizer=sgd(0.01))
