@@ -168,10 +168,10 @@ class StatsCollector:
         groups = []
         keys = []
         layer_ids = []
-        for positions, layer_idx, rkey, dtensors in plan:
-            layer_ids.append([self._flat[j][0] for j in positions])
+        for positions, layer_idx, rkey, dtensors, ids, held in plan:
+            layer_ids.append(ids)
             grads = [grads_all[j] for j in positions]
-            params = [self._flat[j][1] for j in positions]
+            params = held
             if dtensors:  # FSDP2 / DTensor: work on the local shards
                 grads = [local(g) for g in grads]  # type: ignore[arg-type]
                 params = [local(p) for p in params]
@@ -195,7 +195,7 @@ class StatsCollector:
 
     def _build_index(
         self, key: tuple[bool, ...]
-    ) -> tuple[list[tuple[list[int], Tensor, ReduceKey, bool]], Tensor, tuple[bool, ...]]:
+    ) -> tuple[list[tuple[list[int], Tensor, ReduceKey, bool, list[int], list[Tensor]]], Tensor, tuple[bool, ...]]:
         by_group: dict[tuple[torch.device, torch.dtype, ReduceKey, bool], list[int]] = defaultdict(list)
         for j, ((_, p), has) in enumerate(zip(self._flat, key)):
             if has:
@@ -204,8 +204,10 @@ class StatsCollector:
                 by_group[(g.device, g.dtype, reduce_key(g), is_dtensor(g))].append(j)
         plan = []
         for (_, _, rkey, dtensors), positions in by_group.items():
-            idx = torch.tensor([self._flat[j][0] for j in positions], dtype=torch.long, device=self.device)
-            plan.append((positions, idx, rkey, dtensors))
+            ids = [self._flat[j][0] for j in positions]
+            idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+            # The layer ids and parameters of a pattern are fixed: made once here, not walked every step.
+            plan.append((positions, idx, rkey, dtensors, ids, [self._flat[j][1] for j in positions]))
         present_host = tuple(self._present_host(key))
         present = torch.tensor(present_host, dtype=torch.bool, device=self.device)
         return plan, present, present_host
