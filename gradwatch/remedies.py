@@ -12,7 +12,8 @@ before a fix the architecture merely allows, and each such remedy quotes its fig
 ====  =======================================================================================
  7    decisive precision fact (float16 parameters for a non-finite alert)
  6    measured input scale; attention q/k behind the alert; bias init that keeps ReLUs off;
-      zero init; batch size 1 for a spike; a loss jump at the spike's step
+      zero init; batch size 1 for a spike; a loss jump at the spike's step; a vanilla recurrent
+      matrix of spectral radius > 1 behind an explosion
  5.5  oversized init for an explosion / saturation; the loss's own scale (targets)
  5    measured learning rate (update-to-weight ratio >= 0.1); a layer the loss never reaches
  3-4  architecture that explains the kind (sigmoid/tanh stacks, vanilla RNNs, small init)
@@ -36,6 +37,11 @@ Thresholds on the evidence, each from the physics it stands for:
   by less than 3x per step; the Inf is where an explosion ended, not a numerics bug.
 * a bias mean below -1 pre-activation std (:data:`BIAS_SHIFT`): with unit inputs, fewer than 16%
   of a ReLU's inputs can then turn it on.
+* a vanilla recurrent matrix ``weight_hh`` of spectral radius > 1 (:data:`RECURRENT_RADIUS`): the
+  linearised recurrence multiplies the state, and the gradient through T steps, by up to radius^T
+  (3^30 = 2e14); PyTorch's default init (uniform +-1/sqrt(H)) gives ~0.58. An amplifying model also
+  explains a large starting loss: a cross-entropy far above ln(classes) means huge logits, not targets
+  to standardise, so the targets remedy is dropped whenever the model or its inputs amplify.
 * an init that amplifies the signal 1e6-fold through the stack (:data:`INIT_AMPLIFICATION`, the product
   of the oversized layers' std factors) explains a non-finite gradient even on the first step.
 """
@@ -54,7 +60,7 @@ from torch import nn
 from gradwatch.activations import RELU_TYPES, SIGMOID_TYPES, TANH_TYPES
 from gradwatch.evidence import EvidenceSnapshot
 
-__all__ = ["BiasFact", "InitFact", "ModelFacts", "inspect_model", "remedies_for"]
+__all__ = ["BiasFact", "InitFact", "ModelFacts", "RecurrentFact", "inspect_model", "remedies_for"]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -87,6 +93,9 @@ BIAS_SHIFT = -1.0
 # Product of the oversized layers' std factors (each layer multiplies the signal's scale by its factor):
 # 1e6 is six orders of magnitude from the init alone (3x on 13 layers, 2x on 20).
 INIT_AMPLIFICATION = 1e6
+# Spectral radius of a vanilla recurrent matrix above which the recurrence amplifies: the gradient through
+# T steps scales like radius^T (Pascanu et al. 2013: radius > 1 is necessary for exploding gradients).
+RECURRENT_RADIUS = 1.0
 
 
 def _names(names: Sequence[str], limit: int = 4) -> str:
@@ -129,6 +138,14 @@ class BiasFact:
 
 
 @dataclass
+class RecurrentFact:
+    """A vanilla recurrent matrix (``weight_hh``) whose spectral radius exceeds 1."""
+
+    name: str  # the parameter's qualified name, e.g. ``rnn.weight_hh_l0``
+    radius: float
+
+
+@dataclass
 class ModelFacts:
     """What remedies need to know about the model's architecture."""
 
@@ -150,6 +167,7 @@ class ModelFacts:
     small_init: list[InitFact] = field(default_factory=list)
     large_init: list[InitFact] = field(default_factory=list)
     negative_bias: list[BiasFact] = field(default_factory=list)
+    recurrent_radius: list[RecurrentFact] = field(default_factory=list)  # vanilla weight_hh with radius > 1
 
     @property
     def deep_plain(self) -> bool:
@@ -194,6 +212,7 @@ def inspect_model(model: nn.Module) -> ModelFacts:
             f.smooth.append(label)
         if isinstance(m, (nn.RNN, nn.RNNCell)):
             f.vanilla_rnn.append(label)
+            _check_recurrent(f, name, m)
         elif isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)):
             f.gated_rnn.append(label)
             (f.lstm if isinstance(m, (nn.LSTM, nn.LSTMCell)) else f.gru).append(label)
@@ -216,6 +235,25 @@ def inspect_model(model: nn.Module) -> ModelFacts:
     for label, w, b in weights:
         _check_init(f, label, w, b)
     return f
+
+
+def _check_recurrent(f: ModelFacts, name: str, m: nn.Module) -> None:
+    """Record each ``weight_hh`` of a vanilla RNN whose spectral radius exceeds :data:`RECURRENT_RADIUS`."""
+    for pname, w in m.named_parameters(recurse=False):
+        if not pname.startswith("weight_hh") or w.dim() != 2 or w.shape[0] != w.shape[1] or w.is_meta:
+            continue
+        radius = float(torch.linalg.eigvals(w.detach().to("cpu", torch.float64)).abs().max())
+        if radius > RECURRENT_RADIUS:
+            f.recurrent_radius.append(RecurrentFact(f"{name}.{pname}" if name else pname, radius))
+
+
+def _recurrent_remedy(facts: list[RecurrentFact]) -> str:
+    worst = max(x.radius for x in facts)
+    return (
+        f"Initialise {_names([x.name for x in facts])} orthogonal (nn.init.orthogonal_) or rescale it to spectral "
+        f"radius <= 1: its radius is {worst:.2g}, so the gradient through T time steps grows like {worst:.2g}^T; "
+        "or use nn.LSTM/nn.GRU, and clip gradients."
+    )
 
 
 def _check_init(f: ModelFacts, label: str, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -378,8 +416,10 @@ def remedies_for(
     """
     r = _Ranked()
     c = _clues(evidence, kind, step)
-    if c.inputs_high or facts.large_init:
-        c.loss_scale = None  # the inputs or the init explain a large starting loss
+    if c.inputs_high or facts.large_init or facts.recurrent_radius:
+        # The inputs, the init or an expanding recurrence explain a large starting loss (a cross-entropy
+        # far above ln(classes) means huge logits): the targets are then no cause to name.
+        c.loss_scale = None
     squashing = facts.sigmoid + facts.tanh
     big_init = [x for x in facts.large_init if x.name not in facts.attention_qk] or facts.large_init
     qk_named = [x for x in layers if x in facts.attention_qk]
@@ -487,6 +527,8 @@ def remedies_for(
         # next (first when no cause is visible).
         if c.inputs_high:
             r.add(6, c.inputs_high)
+        if facts.recurrent_radius:
+            r.add(6, _recurrent_remedy(facts.recurrent_radius))
         if c.loss_scale:
             r.add(5.5, c.loss_scale)
         if big_init:

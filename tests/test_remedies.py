@@ -223,6 +223,28 @@ def test_regression_targets_far_from_unit_scale():
     )
 
 
+def test_recurrent_radius_above_one_is_the_explosion_cause_not_the_targets():
+    torch.manual_seed(0)
+    rnn = nn.RNN(8, 32, batch_first=True, nonlinearity="relu")
+    with torch.no_grad():
+        w = rnn.weight_hh_l0
+        w.mul_(3.0 / torch.linalg.eigvals(w).abs().max())
+    model = nn.ModuleDict({"rnn": rnn, "head": nn.Linear(32, 8)})
+    f = inspect_model(model)
+    assert [x.name for x in f.recurrent_radius] == ["rnn.weight_hh_l0"]
+    assert abs(f.recurrent_radius[0].radius - 3.0) < 1e-5
+    # A cross-entropy that starts at 4.6e10 means huge logits from the recurrence, not targets to standardise.
+    rem = remedies_for("exploding", f, evidence=EvidenceSnapshot(loss_start=4.6e10, input_rms=0.35))
+    assert rem[0] == (
+        "Initialise `rnn.weight_hh_l0` orthogonal (nn.init.orthogonal_) or rescale it to spectral radius <= 1: its "
+        "radius is 3, so the gradient through T time steps grows like 3^T; or use nn.LSTM/nn.GRU, and clip gradients."
+    )
+    assert not any(x.startswith("Standardise the regression targets") for x in rem)
+    # PyTorch's default init (uniform +-1/sqrt(H): radius ~0.58) is no such cause.
+    torch.manual_seed(0)
+    assert inspect_model(nn.RNN(8, 32, num_layers=2)).recurrent_radius == []
+
+
 def test_nonfinite_ranks_numerics_unless_precision_or_an_explosion_explain_it():
     f = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
     assert remedies_for("nonfinite", f)[0].startswith("Find the operation that overflows: log(0)")
