@@ -645,7 +645,7 @@ def remedies_for(
             r.add(6, (
                 f"{_names(named)} never reaches the loss: call it in forward() (or remove it from the model and the "
                 "optimizer); if it is called, look for a .detach(), .item(), .data or torch.no_grad() between it "
-                "and the loss."
+                "and the loss, or a constant 0 factor (a gate or mask left at 0) on its output."
             ))
             r.add(2, (
                 f"If {_names(named)} is meant to stay fixed, freeze it (requires_grad_(False)) and leave it out of "

@@ -237,6 +237,36 @@ def test_detached_encoder_is_no_gradient():
     assert mon.alerts[0].message.startswith("No gradient at step 19: encoder.0 (and 1 more layer(s)) got none")
 
 
+class GatedBranch(nn.Module):
+    """A residual branch multiplied by a constant 0.0 gate: backward reaches it and writes exact zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(20, 64)
+        self.branch = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        return self.head(h + 0.0 * self.branch(h))
+
+
+def test_branch_behind_a_constant_zero_gate_is_no_gradient_not_vanishing():
+    # Exact zeros that no zero weight and no dead layer explain (the ReLUs are alive): the branch gets no gradient.
+    torch.manual_seed(0)
+    model = GatedBranch()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 30, track_activations=True)
+    assert kinds(mon) == [("no_gradient", 19)]
+    assert mon.alerts[0].message.startswith("No gradient at step 19: branch.0 (and 1 more layer(s)) got none")
+    assert mon.alerts[0].remedies[0].endswith("or a constant 0 factor (a gate or mask left at 0) on its output.")
+    # Without tracked activations dead ReLUs cannot be ruled out: the exact zeros stay vanishing's.
+    torch.manual_seed(0)
+    model = GatedBranch()
+    mon = run(model, torch.optim.Adam(model.parameters(), 1e-3), 30)
+    assert kinds(mon) == [("vanishing", 2)]
+    # The same zeros behind all-zero weights stay vanishing's (tests/test_scenarios.py, all-zero init).
+
+
 def test_frozen_and_unoptimised_parameters_are_silent():
     torch.manual_seed(0)
     model = EncoderHead()

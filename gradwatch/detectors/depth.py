@@ -20,6 +20,7 @@ from torch import Tensor
 from gradwatch._checks import check_int, check_positive, check_range
 from gradwatch.detectors._common import WindowedChecks, fmt
 from gradwatch.detectors.base import TINY, DetectorContext, Finding, StepEvidence, stacked
+from gradwatch.detectors.no_gradient import blocked_zero
 
 __all__ = ["Exploding", "Vanishing"]
 
@@ -172,6 +173,8 @@ class Vanishing(WindowedChecks):
             # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
             none = torch.zeros_like(self._weight)
             zero = zero & ~stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else none)
+        # An exact zero that neither zero weights nor dead/saturated units explain (a constant 0 gate) is no_gradient's.
+        zero = zero & ~blocked_zero(rows, grad_sq, present, self.ctx)
         ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
         low = valid & self._weight & (ratio < self.min_ratio) & (grad_sq > 0)
         dying = self._dying(rows, depth[0] | low.any(-1))

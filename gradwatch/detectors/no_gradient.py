@@ -20,7 +20,41 @@ from gradwatch._checks import check_int
 from gradwatch.detectors._common import WindowedChecks
 from gradwatch.detectors.base import DetectorContext, Finding, Latch, StepEvidence, stacked
 
-__all__ = ["NoGradient"]
+__all__ = ["NoGradient", "blocked_zero"]
+
+
+def blocked_zero(rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, ctx: DetectorContext) -> Tensor:
+    """``[T, n]``: an exactly zero gradient that backward computed but nothing in the model explains.
+
+    An exact zero reaches a layer that backward does reach in three ways: zero weights downstream (an
+    all-zero init), a layer of activations that are all off (dead ReLUs) or all saturated downstream,
+    or a factor of exactly 0 outside the weights (a constant 0 gate, a mask). With no weight matrix all
+    zeros (read on the device at the fold, the weights themselves: a layer's norm also counts its bias)
+    and every tracked activation layer partly alive, only the last is left: the layer gets no gradient as
+    surely as one the loss never reaches. Without tracked activations nothing is claimed (all False), and
+    ``vanishing``'s zero check keeps the layer.
+    """
+    t, n = grad_sq.shape
+    never = torch.zeros(t, n, dtype=torch.bool, device=grad_sq.device)
+    if not ctx.weight_layers or any(ev.activations is None for ev in rows):
+        return never
+    dead = stacked(rows, "act_dead", lambda ev: ev.activations.dead)  # type: ignore[union-attr]
+    saturated = stacked(rows, "act_saturated", lambda ev: ev.activations.saturated)  # type: ignore[union-attr]
+    seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
+    if dead.shape[-1] == 0:
+        return never
+    # A whole layer off (every unit zero on the batch) or pinned to its asymptotes passes (almost) no gradient.
+    off = (seen & ((dead >= 1.0) | (saturated >= 1.0))).any(-1)
+    weights = [p for i in ctx.weight_layers for p in ctx.layers[i].params if p.dim() >= 2]
+    if not weights:
+        return never
+
+    def all_zero() -> Tensor:  # a weight matrix that is exactly 0 everywhere (device op, no host read)
+        return torch.stack([p.detach().abs().amax().to(grad_sq.device, torch.float32) for p in weights]).eq(0).any()
+
+    zero_weights = rows[-1].derived("zero_weight_matrix", all_zero)
+    explained = zero_weights | off
+    return present & (grad_sq == 0) & ~explained.expand(t).unsqueeze(-1)
 
 
 class NoGradient(WindowedChecks):
@@ -36,8 +70,9 @@ class NoGradient(WindowedChecks):
     * ``inert``: the optimizer holds parameters, all with ``requires_grad=False``, and none of the
       watched ones: ``optimizer.step()`` can change nothing. Certain from the first step: no window.
 
-    An exactly zero gradient that backward did compute (dead units upstream, zero weights
-    downstream) is not ``no_gradient``: ``vanishing`` and ``dead`` report it.
+    An exactly zero gradient that backward did compute is ``no_gradient``'s only when nothing in the
+    model explains it (:func:`blocked_zero`: a constant 0 gate, a mask); zero weights or dead units
+    downstream are ``vanishing``'s and ``dead``'s.
 
     Args:
         window: consecutive steps without a gradient.
@@ -77,7 +112,8 @@ class NoGradient(WindowedChecks):
         scope = stacked(rows, "optimized", lambda ev: ev.optimized if ev.optimized is not None else self._all)
         unreached = stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else self._none)
         got = present & (grad_sq != 0)  # NaN/Inf count as a gradient: nonfinite reports them
-        missing = ~present | (unreached & present & (grad_sq == 0))
+        # Unreached, or reached but multiplied by an exact 0 that neither zero weights nor dead units explain.
+        missing = ~present | (unreached & present & (grad_sq == 0)) | blocked_zero(rows, grad_sq, present, self.ctx)
         others = (got & scope).any(-1, keepdim=True)
         return [scope & missing & others], [grad_sq.sqrt().expand(len(rows), -1)]
 
