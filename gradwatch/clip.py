@@ -15,6 +15,7 @@ values and the coefficient is applied to the scaled gradients, which the scaler 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -239,16 +240,16 @@ class AGC(_Stateless):
         return f"AGC(clipping={self.clipping:g}, eps={self.eps:g}{extra})"
 
 
-class _Running:
+class _Running(ABC):
     """A clipper with running device state (:class:`~gradwatch.detectors.DeviceState`), allocated on
     the gradients' device at the first step, or restored from a checkpoint before it."""
 
     def __init__(self) -> None:
         self.state = self._declare()
 
+    @abstractmethod
     def _declare(self) -> DeviceState:
         """A fresh :class:`DeviceState` with this clipper's tensors declared."""
-        raise NotImplementedError
 
     def _state_on(self, device: torch.device) -> DeviceState:
         if not self.state.bound:

@@ -24,24 +24,11 @@ from gradwatch import schema
 from gradwatch.alerts import Alert, AlertLog
 from gradwatch.detectors import Finding
 from gradwatch.distributed import is_rank_zero
-from gradwatch.errors import GradWatchAlertError
+from gradwatch.errors import GradWatchAlertError, warn_user
 
 log = logging.getLogger("gradwatch")
 
 _SKIPPED_NOTE = " The step was skipped: no weight or optimizer state changed."
-
-
-def warn_user(message: str) -> None:
-    """A :class:`GradWatchWarning` pointing at the first frame outside gradwatch and the frameworks."""
-    from gradwatch import errors
-
-    fn = getattr(errors, "warn_user", None)
-    if fn is not None:
-        fn(message)
-        return
-    import warnings
-
-    warnings.warn(message, errors.GradWatchWarning, stacklevel=3)
 
 
 def typical_norm(history: Iterable[dict[str, float]]) -> float | None:
@@ -106,7 +93,7 @@ class AlertChannels:
                 self.sinks.alert(admitted)
                 if self.on_alert == "warn":
                     log.warning(admitted.message)
-                    if not getattr(self.sinks, "prints_alerts", False):
+                    if not self.sinks.prints_alerts:
                         warn_user(admitted.message)
             if callable(self.on_alert):
                 self.on_alert(admitted)

@@ -93,8 +93,7 @@ def decode_metrics(
         layers: layer names in forward order.
         present: which layers had a gradient this step.
         time_layers: recurrent modules with an across-time profile.
-        skipped_steps: steps skipped so far, when counted on the host (a device count in ``values``
-            takes precedence).
+        skipped_steps: steps skipped so far on the host path (added to the device count in ``values``).
         nonfinite_counts: exact per-layer counts read on a rare path, when not in ``values``.
     """
     key = schema.metric_key
@@ -114,7 +113,7 @@ def decode_metrics(
         for i, name in enumerate(layers):
             if counts[i] > 0:
                 m[key(schema.NONFINITE_COUNT, name)] = counts[i]
-    m[schema.SKIPPED_STEPS] = values.scalar("m/skipped") if "m/skipped" in values else float(skipped_steps)
+    m[schema.SKIPPED_STEPS] = float(skipped_steps) + (values.scalar("m/skipped") if "m/skipped" in values else 0.0)
     if "m/clip_threshold" in values:
         m[schema.CLIP_THRESHOLD] = values.scalar("m/clip_threshold")
         m[schema.CLIP_COEF] = values.scalar("m/clip_coef")

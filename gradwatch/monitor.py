@@ -28,8 +28,8 @@ from gradwatch.clip import Clipper, ClipResult
 from gradwatch.desync import DesyncCheck
 from gradwatch.detectors import Detector, DetectorContext, Finding, StepEvidence, default_detectors
 from gradwatch.distributed import agree_max, fsdp1_message, is_distributed, is_rank_zero
-from gradwatch.emit import AlertChannels, warn_user
-from gradwatch.errors import NonFiniteGradientError
+from gradwatch.emit import AlertChannels
+from gradwatch.errors import NonFiniteGradientError, warn_user
 from gradwatch.evidence import Evidence
 from gradwatch.layers import ForwardOrderRecorder, Layer, discover_layers, is_compiling, numel, unwrap_model
 from gradwatch.metrics import StepTensors, decode_metrics, register_metrics
@@ -528,9 +528,8 @@ class GradWatch:
         m = decode_metrics(
             values, self.layers, stats.present_host,
             time_layers=self._time.names if times is not None and self._time is not None else [],
-            nonfinite_counts=exact,
+            skipped_steps=self._skipped, nonfinite_counts=exact,
         )
-        m["skipped_steps"] = m["skipped_steps"] + float(self._skipped)
         ev_values = values.scope("ev/")
         m.update(self._evidence.absorb(
             ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host, param_norm=values["m/param_norm"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -14,13 +15,14 @@ from gradwatch.detectors.base import (
     DetectorContext,
     Fired,
     Persistence,
+    Series,
     StepEvidence,
     Window,
     stacked,
     window_steps,
 )
 
-__all__ = ["WindowedChecks", "fmt"]
+__all__ = ["UpdateLossSeries", "WindowedChecks", "fmt"]
 
 
 
@@ -87,9 +89,9 @@ class WindowedChecks(Detector):
         ``None``: every condition needs its streak."""
         return None
 
+    @abstractmethod
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per source (``sources`` order): bool ``[T, width]`` conditions and ``[T, width]`` values."""
-        raise NotImplementedError
 
     def readout(self) -> dict[str, Tensor]:
         self.fold()
@@ -107,3 +109,70 @@ class WindowedChecks(Detector):
                 if sl.start <= f.index < sl.stop:
                     out[name].append(f._replace(index=f.index - sl.start))
         return out
+
+
+class UpdateLossSeries(Detector):
+    """Weighs each logging step's largest update-to-weight ratio against the loss, on the host.
+
+    Every step's loss and every measured update (:class:`~gradwatch.evidence.UpdateTracker`, once per
+    logging step) are recorded by reference: no device op on the step. At a logging step both are read
+    back, merged by step, and handed to the subclass's host recursion :meth:`fold`, whose running
+    statistics (the attributes named in ``state_keys``) are checkpointed as float64 tensors.
+    """
+
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates, self.losses = Series(), Series()
+
+    def bind(self, ctx: DetectorContext) -> None:
+        super().bind(ctx)
+        self.updates, self.losses = Series(), Series()
+
+    def largest(self, ratio: Tensor) -> Tensor:
+        """The measurement of one update: its largest per-layer ratio (NaN, no measurement, as 0)."""
+        return torch.where(torch.isnan(ratio), 0.0, ratio).amax()
+
+    def update(self, ev: StepEvidence) -> None:
+        if ev.loss is not None:
+            self.losses.add(ev.loss, ev.stats.step)
+        if ev.update_ratio is not None:  # once per logging step: the step after it
+            self.updates.add(self.largest(ev.update_ratio), ev.stats.step - 1)
+
+    def readout(self) -> dict[str, Tensor]:
+        out = {}
+        losses, updates = self.losses.readout(), self.updates.readout()
+        if losses is not None:
+            out["losses"] = losses
+        if updates is not None:
+            out["updates"] = updates
+        return out
+
+    def fold(
+        self, losses: list[float], loss_steps: list[int], updates: list[float], update_steps: list[int]
+    ) -> list[tuple[int, float]]:
+        """Merge losses and measurements by step and run :meth:`fold_events`; the ``(step, value)`` that fire."""
+        events = sorted(
+            [(s, 0, v) for s, v in zip(loss_steps, losses)] + [(s, 1, v) for s, v in zip(update_steps, updates)]
+        )
+        return self.fold_events(events)
+
+    @abstractmethod
+    def fold_events(self, events: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
+        """Host recursion over ``(step, is_update, value)`` events in step order; the ``(step, value)`` that fire."""
+
+    def fired(self, losses: list[float], updates: list[float]) -> list[tuple[int, float]]:
+        """:meth:`fold` the read-back losses and measurements with the steps they were recorded at."""
+        return self.fold(losses, self.losses.steps(), updates, self.updates.steps())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The host statistics as float64 tensors (values not read yet are folded first: one host read)."""
+        losses, updates = self.losses.readout(), self.updates.readout()
+        self.fired(losses.tolist() if losses is not None else [], updates.tolist() if updates is not None else [])
+        return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in self.state_keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self.state_keys:
+            if k in state:
+                setattr(self, k, float(state[k]))

@@ -17,6 +17,7 @@ only its ``bind``, ``update`` and ``collect``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -591,7 +592,7 @@ def window_steps(rows: Sequence[StepEvidence], device: torch.device) -> Tensor:
     return rows[-1].derived(("window", "steps", id(rows[0]), len(rows)), make)
 
 
-class Detector:
+class Detector(ABC):
     """Base class of detectors: declare state in :meth:`bind`, fold evidence in :meth:`update`,
     turn read-back values into findings in :meth:`collect`.
 
@@ -625,17 +626,17 @@ class Detector:
         object.__setattr__(fresh, "_loaded", None if self.state.bound else self.state._loaded)
         self.state = fresh
 
+    @abstractmethod
     def update(self, ev: StepEvidence) -> None:
         """Fold this step's evidence into the device state (device only)."""
-        raise NotImplementedError
 
     def readout(self) -> dict[str, Tensor]:
         """Named 1-D float tensors to read back at the next logging step."""
         return self.state.readout() if self.state.bound else {}
 
+    @abstractmethod
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         """Turn the read-back values (by name, as :meth:`readout` named them) into findings."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Running state as nested dicts of tensors (for checkpoints)."""

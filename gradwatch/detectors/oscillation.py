@@ -11,14 +11,13 @@ at logging steps.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_range
-from gradwatch.detectors._common import fmt
-from gradwatch.detectors.base import Detector, DetectorContext, Finding, Series, StepEvidence
+from gradwatch.detectors._common import UpdateLossSeries, fmt
+from gradwatch.detectors.base import Finding
 
 __all__ = ["Oscillation"]
 
@@ -31,7 +30,7 @@ _STATE = ("count", "ema", "best", "streak", "improved", "start", "done")
 _MIN_SPAN = 20
 
 
-class Oscillation(Detector):
+class Oscillation(UpdateLossSeries):
     """``spike`` (source ``oscillation``): large updates that do not lower the loss, measurement after measurement.
 
     A measurement (the largest per-layer ``||dw|| / ||w||`` of a logging step's update) counts when it is at
@@ -52,40 +51,20 @@ class Oscillation(Detector):
         persist: consecutive measurements (logging steps) the condition must hold.
     """
 
+    state_keys = _STATE
+
     def __init__(self, min_update: float = 0.1, persist: int = 3) -> None:
         super().__init__()
         self.min_update = check_range("min_update", min_update, 0.0, math.inf)
         self.persist = check_int("persist", persist, 2)
         self.count = self.ema = self.best = self.streak = self.improved = self.start = self.done = 0.0
-        self.updates, self.losses = Series(), Series()
 
-    def bind(self, ctx: DetectorContext) -> None:
-        super().bind(ctx)
-        self.updates, self.losses = Series(), Series()
+    def largest(self, ratio: Tensor) -> Tensor:
+        """The largest finite ratio: an infinite one (a weight at exactly 0) says nothing about overshoot."""
+        return torch.where(torch.isfinite(ratio), ratio, 0.0).amax()
 
-    def update(self, ev: StepEvidence) -> None:
-        if ev.loss is not None:
-            self.losses.add(ev.loss, ev.stats.step)
-        if ev.update_ratio is not None:  # once per logging step: the step after it
-            r = ev.update_ratio
-            self.updates.add(torch.where(torch.isfinite(r), r, 0.0).amax(), ev.stats.step - 1)
-
-    def readout(self) -> dict[str, Tensor]:
-        out = {}
-        losses, updates = self.losses.readout(), self.updates.readout()
-        if losses is not None:
-            out["losses"] = losses
-        if updates is not None:
-            out["updates"] = updates
-        return out
-
-    def fold(
-        self, losses: list[float], loss_steps: list[int], updates: list[float], update_steps: list[int]
-    ) -> list[tuple[int, float]]:
+    def fold_events(self, events: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
         """Host recursion over the loss and the measurements (by step); the measurements that fire."""
-        events = sorted(
-            [(s, 0, v) for s, v in zip(loss_steps, losses)] + [(s, 1, v) for s, v in zip(update_steps, updates)]
-        )
         fired = []
         for s, is_update, v in events:
             if not is_update:
@@ -111,9 +90,7 @@ class Oscillation(Detector):
         return fired
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
-        fired = self.fold(
-            values.get("losses", []), self.losses.steps(), values.get("updates", []), self.updates.steps()
-        )
+        fired = self.fired(values.get("losses", []), values.get("updates", []))
         return [
             Finding(
                 "spike",
@@ -130,17 +107,3 @@ class Oscillation(Detector):
             )
             for s, v in fired[:1]
         ]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The host statistics as float64 tensors (values not read yet are folded first: one host read)."""
-        losses, updates = self.losses.readout(), self.updates.readout()
-        self.fold(
-            losses.tolist() if losses is not None else [], self.losses.steps(),
-            updates.tolist() if updates is not None else [], self.updates.steps(),
-        )
-        return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in _STATE}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in _STATE:
-            if k in state:
-                setattr(self, k, float(state[k]))

@@ -9,14 +9,10 @@ step. This detector takes the largest layer's ratio of each measurement and the 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
-from torch import Tensor
 
 from gradwatch._checks import check_int, check_range
-from gradwatch.detectors._common import fmt
-from gradwatch.detectors.base import Detector, DetectorContext, Finding, Series, StepEvidence
+from gradwatch.detectors._common import UpdateLossSeries, fmt
+from gradwatch.detectors.base import Finding
 
 __all__ = ["SmallUpdates"]
 
@@ -25,7 +21,7 @@ _IMPROVED = 0.99  # the loss improved when its EMA fell 1% below its first value
 _STATE = ("count", "first", "ema", "best", "streak")
 
 
-class SmallUpdates(Detector):
+class SmallUpdates(UpdateLossSeries):
     """``vanishing`` (source ``update``): every layer's update is below ``max_update`` of its weights while
     the loss has not improved.
 
@@ -45,40 +41,16 @@ class SmallUpdates(Detector):
         persist: consecutive measurements (logging steps) the condition must hold.
     """
 
+    state_keys = _STATE
+
     def __init__(self, max_update: float = 1e-5, persist: int = 3) -> None:
         super().__init__()
         self.max_update = check_range("max_update", max_update, 0.0, 1.0)
         self.persist = check_int("persist", persist, 1)
         self.count = self.first = self.ema = self.best = self.streak = 0.0
-        self.updates, self.losses = Series(), Series()
 
-    def bind(self, ctx: DetectorContext) -> None:
-        super().bind(ctx)
-        self.updates, self.losses = Series(), Series()
-
-    def update(self, ev: StepEvidence) -> None:
-        if ev.loss is not None:
-            self.losses.add(ev.loss, ev.stats.step)
-        if ev.update_ratio is not None:  # once per logging step: the step after it
-            r = ev.update_ratio
-            self.updates.add(torch.where(torch.isnan(r), 0.0, r).amax(), ev.stats.step - 1)
-
-    def readout(self) -> dict[str, Tensor]:
-        out = {}
-        losses, updates = self.losses.readout(), self.updates.readout()
-        if losses is not None:
-            out["losses"] = losses
-        if updates is not None:
-            out["updates"] = updates
-        return out
-
-    def fold(
-        self, losses: list[float], loss_steps: list[int], updates: list[float], update_steps: list[int]
-    ) -> list[tuple[int, float]]:
+    def fold_events(self, events: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
         """Host recursion over the loss and the measurements (by step); the measurements that fire."""
-        events = sorted(
-            [(s, 0, v) for s, v in zip(loss_steps, losses)] + [(s, 1, v) for s, v in zip(update_steps, updates)]
-        )
         fired = []
         for s, is_update, v in events:
             if not is_update:
@@ -97,9 +69,7 @@ class SmallUpdates(Detector):
         return fired
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
-        fired = self.fold(
-            values.get("losses", []), self.losses.steps(), values.get("updates", []), self.updates.steps()
-        )
+        fired = self.fired(values.get("losses", []), values.get("updates", []))
         return [
             Finding(
                 "vanishing",
@@ -116,17 +86,3 @@ class SmallUpdates(Detector):
             )
             for s, v in fired[:1]
         ]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The host statistics as float64 tensors (values not read yet are folded first: one host read)."""
-        losses, updates = self.losses.readout(), self.updates.readout()
-        self.fold(
-            losses.tolist() if losses is not None else [], self.losses.steps(),
-            updates.tolist() if updates is not None else [], self.updates.steps(),
-        )
-        return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in _STATE}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in _STATE:
-            if k in state:
-                setattr(self, k, float(state[k]))
