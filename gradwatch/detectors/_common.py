@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,9 +23,44 @@ from gradwatch.detectors.base import (
     window_steps,
 )
 
-__all__ = ["UpdateLossSeries", "WindowedChecks", "fmt"]
+__all__ = ["GradWindow", "UpdateLossSeries", "WindowedChecks", "fmt", "grad_window", "side_by_side"]
 
 
+class GradWindow(NamedTuple):
+    """The gradient evidence of a window of steps, stacked once for every detector that folds it.
+
+    Attributes:
+        grad_sq: float32[T, L], squared gradient norms.
+        present: bool[T or 1, L], layers with a gradient.
+        total: float32[T], total gradient norms.
+        norm: float32[T, L], gradient norms (``grad_sq.sqrt()``).
+        usable: bool[T, L], present with a finite, non-zero gradient (``0 < grad_sq < inf``).
+    """
+
+    grad_sq: Tensor
+    present: Tensor
+    total: Tensor
+    norm: Tensor
+    usable: Tensor
+
+
+def grad_window(rows: list[StepEvidence]) -> GradWindow:
+    """The rows' :class:`GradWindow`, computed once per window for every detector that asks."""
+
+    def make() -> GradWindow:
+        grad_sq = stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq)
+        present = stacked(rows, "present", lambda ev: ev.stats.present)
+        total = stacked(rows, "total_norm", lambda ev: ev.stats.total_norm)
+        usable = present & (grad_sq > 0) & (grad_sq < math.inf)  # NaN fails both comparisons
+        return GradWindow(grad_sq, present, total, grad_sq.sqrt(), usable)
+
+    return rows[-1].derived(("window", "grads", id(rows[0]), len(rows)), make)
+
+
+def side_by_side(parts: list[Tensor]) -> Tensor:
+    """The sources' ``[T]`` (model-wide) and ``[T, width]`` (per layer) tensors as one ``[T, n]``, in order."""
+    cols = [p.unsqueeze(-1) if p.dim() == 1 else p for p in parts]
+    return cols[0] if len(cols) == 1 else torch.cat(cols, -1)
 
 
 class WindowedChecks(Detector):
@@ -77,11 +113,14 @@ class WindowedChecks(Detector):
         assert ctx is not None
         param_norm = stacked(rows, "param_norm", lambda ev: by_row[id(ev)])
         conds, values = self.conditions(rows, param_norm)
-        cond = torch.cat([c.reshape(len(rows), -1) for c in conds], 1)
-        value = torch.cat([v.reshape(len(rows), -1).to(torch.float32) for v in values], 1)
+        value = side_by_side(values)
         imm = self.immediates(len(rows))
-        immediate = None if imm is None else torch.cat([i.reshape(len(rows), -1) for i in imm], 1)
-        self.checks.update_window(cond, value, window_steps(rows, ctx.device), immediate=immediate)
+        self.checks.update_window(
+            side_by_side(conds),
+            value if value.dtype == torch.float32 else value.to(torch.float32),
+            window_steps(rows, ctx.device),
+            immediate=None if imm is None else side_by_side(imm),
+        )
 
     def immediates(self, steps: int) -> list[Tensor] | None:
         """Per source, bool ``[T, width]``: entries so far past their threshold that they fire on the step
@@ -91,7 +130,8 @@ class WindowedChecks(Detector):
 
     @abstractmethod
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per source (``sources`` order): bool ``[T, width]`` conditions and ``[T, width]`` values."""
+        """Per source (``sources`` order): bool conditions and float values, ``[T, width]`` for a per-layer
+        source and ``[T]`` for a model-wide one (a value need only be right where its entry can fire)."""
 
     def readout(self) -> dict[str, Tensor]:
         self.fold()

@@ -150,6 +150,11 @@ class StepEvidence:
         return self.cache[key]
 
 
+def _flat32(t: Tensor) -> Tensor:
+    """``t`` as 1-D float32; ``t`` itself (no op) when it already is."""
+    return t if t.dim() == 1 and t.dtype == torch.float32 else t.reshape(-1).to(torch.float32)
+
+
 def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in state.items():
@@ -263,7 +268,7 @@ class DeviceState:
     def readout(self) -> dict[str, Tensor]:
         """The tensors declared with ``readout=True``, flattened to 1-D float32."""
         t = self._require()
-        return {n: t[n].reshape(-1).to(torch.float32) for n, d in self._decls.items() if d.readout}
+        return {n: _flat32(t[n]) for n, d in self._decls.items() if d.readout}
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -385,17 +390,20 @@ class Latch:
         Returns:
             The entries latched now (bool[n]).
         """
-        first = take.reshape(-1) & (self.step < 0)
+        first = (take if take.dim() <= 1 else take.reshape(-1)) & (self.step < 0)
         self.state[f"{self.name}.fired_step"] = torch.where(first, step, self.step)
         for v, t in values.items():
             key = f"{self.name}.fired_{v}"
-            self.state[key] = torch.where(first, t.to(torch.float32), self.state[key])
+            # Bool and integer values promote to the state's float32 inside where (no conversion op).
+            v = t.to(torch.float32) if t.is_floating_point() and t.dtype != torch.float32 else t
+            self.state[key] = torch.where(first, v, self.state[key])
         return first
 
     def fired(self, values: Mapping[str, list[float]]) -> list[Fired]:
         """The latched entries in the read-back ``values`` (by index), and free the latch."""
-        self.clear()
         steps = values[f"{self.name}.fired_step"]
+        if any(s >= 0 for s in steps):  # nothing latched: the latch is free already (no device op)
+            self.clear()
         cols = {v: values[f"{self.name}.fired_{v}"] for v in self.values}
         out = []
         for i, s in enumerate(steps):

@@ -13,12 +13,13 @@ healthy training shows (figures measured on CPU with torch 2.13; see docs/DESIGN
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import WindowedChecks, fmt
+from gradwatch.detectors._common import GradWindow, WindowedChecks, fmt, grad_window
 from gradwatch.detectors.base import TINY, DetectorContext, Finding, StepEvidence, stacked
 from gradwatch.detectors.no_gradient import blocked_zero
 
@@ -34,21 +35,22 @@ _FAST_GROWTH = 10.0
 _F32_MAX = 3.4e38
 
 
-def relative_to_weights(
-    rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, param_norm: Tensor, numel: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Gradient-to-weight norm ratio per step and layer ``[T, L]`` and where it is meaningful.
+def relative_to_weights(rows: list[StepEvidence], win: GradWindow, param_norm: Tensor, floor: Tensor) -> Tensor:
+    """Gradient-to-weight norm ratio per step and layer ``[T, L]``, NaN where it means nothing.
 
-    Computed once per window for every detector that asks (Vanishing and Exploding both do).
+    It means something where the layer has a finite, non-zero gradient and a finite weight norm above
+    ``floor`` (``_ZERO_WEIGHT_RMS`` times the root of its element count: deliberately zero weights give
+    a ratio that means nothing; a non-finite weight norm, weights already overflowed, would give 0).
+    Computed once per window for every detector that asks (Vanishing and Exploding both do: ``floor``,
+    a function of the context's element counts, is the same for both); every comparison with a NaN is
+    False, so the conditions need no mask of their own.
     """
 
-    def make() -> tuple[Tensor, Tensor]:
-        # A non-finite weight norm (weights already overflowed) would give a ratio of 0: not vanishing.
-        valid = present & (param_norm > _ZERO_WEIGHT_RMS * numel.sqrt()) & torch.isfinite(param_norm)
-        ratio = grad_sq.sqrt() / param_norm.clamp_min(TINY)
-        return ratio, valid
+    def make() -> Tensor:
+        valid = win.usable & (param_norm > floor) & (param_norm < math.inf)
+        return torch.where(valid, win.norm / param_norm.clamp_min(TINY), math.nan)
 
-    return rows[-1].derived(("window", "relative", id(rows[0]), len(rows), id(numel)), make)
+    return rows[-1].derived(("window", "relative", id(rows[0]), len(rows), id(param_norm)), make)
 
 
 class DepthProfile:
@@ -63,40 +65,32 @@ class DepthProfile:
         k = max(1, len(w) // 4)
         n = len(ctx.layers)
         self.enabled = len(w) >= 3
-        self.early = torch.zeros(n, dtype=torch.bool, device=ctx.device)
-        self.late = torch.zeros(n, dtype=torch.bool, device=ctx.device)
+        # Row 0: the earliest quarter; row 1: the latest (disjoint: 2k <= len(w) / 2).
+        self.groups = torch.zeros(2, n, dtype=torch.bool, device=ctx.device)
         if self.enabled:
-            self.early[w[:k]] = True
-            self.late[w[-k:]] = True
+            self.groups[0, w[:k]] = True
+            self.groups[1, w[-k:]] = True
+        self._sign = torch.tensor([1.0, -1.0], device=ctx.device)  # early minus late
+        self._sqrt_numel = ctx.numel.sqrt()
         self.first_layer = w[0] if w else 0
-        self._key = ("depth", tuple(w[:k]), tuple(w[-k:]))
+        self._key = ("depth", tuple(w[:k]), tuple(w[-k:]), n)
 
-    def log_ratio(
-        self, rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, numel: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Per step ``[T]``: log(early RMS / late RMS) and whether both groups had usable layers."""
-        key = ("window", *self._key, id(rows[0]), len(rows), id(numel))
-        return rows[-1].derived(key, lambda: self._log_ratio(grad_sq, present, numel))
+    def log_ratio(self, rows: list[StepEvidence], win: GradWindow) -> Tensor:
+        """Per step ``[T]``: log(early RMS / late RMS); NaN where a group has no usable layer."""
+        key = ("window", *self._key, id(rows[0]), len(rows))
+        return rows[-1].derived(key, lambda: self._log_ratio(win))
 
-    def _log_ratio(self, grad_sq: Tensor, present: Tensor, numel: Tensor) -> tuple[Tensor, Tensor]:
-        rms = grad_sq.sqrt() / numel.sqrt()
-        usable = present & (rms > 0) & torch.isfinite(rms)
-        logs = torch.where(usable, rms.clamp_min(TINY).log(), 0.0)
-        e = self.early & usable
-        l_ = self.late & usable
-        ne, nl = e.sum(1), l_.sum(1)
-        mean_e = (logs * e).sum(1) / ne.clamp_min(1)
-        mean_l = (logs * l_).sum(1) / nl.clamp_min(1)
-        return mean_e - mean_l, (ne > 0) & (nl > 0)
+    def ratio(self, rows: list[StepEvidence], win: GradWindow) -> Tensor:
+        """Per step ``[T]``: early RMS / late RMS (``exp`` of :meth:`log_ratio`)."""
+        key = ("window", *self._key, "exp", id(rows[0]), len(rows))
+        return rows[-1].derived(key, lambda: self.log_ratio(rows, win).exp())
 
-
-def window_stats(rows: list[StepEvidence]) -> tuple[Tensor, Tensor, Tensor]:
-    """The window's per-layer squared norms ``[T, L]``, present-masks ``[T or 1, L]`` and total norms ``[T]``."""
-    return (
-        stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq),
-        stacked(rows, "present", lambda ev: ev.stats.present),
-        stacked(rows, "total_norm", lambda ev: ev.stats.total_norm),
-    )
+    def _log_ratio(self, win: GradWindow) -> Tensor:
+        log_rms = (win.norm / self._sqrt_numel).clamp_min(TINY).log()
+        pick = win.usable.unsqueeze(-2) & self.groups  # [T, 2, L]: the usable layers of each group
+        count = pick.sum(-1)
+        mean = torch.where(pick, log_rms.unsqueeze(-2), 0.0).sum(-1) / count.clamp_min(1)
+        return torch.where(count.amin(-1) > 0, (mean * self._sign).sum(-1), math.nan)
 
 
 class Vanishing(WindowedChecks):
@@ -140,45 +134,52 @@ class Vanishing(WindowedChecks):
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         self._profile = DepthProfile(ctx)
-        self._weight = torch.zeros(len(ctx.layers), dtype=torch.bool, device=ctx.device)
-        self._weight[ctx.weight_layers] = True
+        self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
+        weight = torch.zeros(len(ctx.layers), dtype=torch.bool, device=ctx.device)
+        weight[ctx.weight_layers] = True
+        self._weight = weight
+        # Per-layer thresholds with the weight-layer mask folded in (a NaN or -inf bound never holds).
+        self._zero_at = torch.where(weight, 0.0, math.nan)  # grad_sq == _zero_at: an exact zero at a weight layer
+        self._low_at = torch.where(weight, self.min_ratio, -math.inf)  # ratio < _low_at
+        self._never = torch.zeros(1, dtype=torch.bool, device=ctx.device)  # a model-wide check that cannot hold
+        self._nil = torch.zeros(1, device=ctx.device)
         relu = [k == "relu" and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
         self._relu = torch.tensor(relu, dtype=torch.bool, device=ctx.device) if any(relu) else None
         self._explained = False  # a dying-ReLU finding was made: later depth/ratio findings are its symptom
         self.state.bind(ctx.device)
 
-    def _dying(self, rows: list[StepEvidence], symptom: Tensor) -> tuple[Tensor, Tensor]:
+    def _dying(self, rows: list[StepEvidence], depth: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
         """Per step ``[T]``: the vanishing is the ReLUs' being off (see the class docstring), and the product."""
         if self._relu is None or any(ev.activations is None or ev.activations.active is None for ev in rows):
-            none = torch.zeros_like(symptom)
-            return none, none.to(torch.float32)
+            return self._never.expand(len(rows)), self._nil.expand(len(rows))
         active = stacked(rows, "act_active", lambda ev: ev.activations.active)  # type: ignore[union-attr]
         seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
         use = self._relu & seen
         log_gain = 0.5 * torch.where(use, (2 * active).clamp_min(TINY).log(), 0.0).sum(-1)
+        symptom = depth | low.any(-1)
         return symptom & (log_gain <= 0.5 * math.log(self.depth_ratio)), log_gain.exp()
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
-        grad_sq, present, _ = window_stats(rows)
-        numel = self.ctx.numel
+        win = grad_window(rows)
         if self._profile.enabled:
-            log_r, ok = self._profile.log_ratio(rows, grad_sq, present, numel)
-            depth = (ok & (log_r < math.log(self.depth_ratio)), log_r.exp())
+            depth = self._profile.log_ratio(rows, win) < math.log(self.depth_ratio)  # NaN (no usable layer): False
+            depth_value = self._profile.ratio(rows, win)
         else:
-            none = torch.zeros(len(rows), dtype=torch.bool, device=grad_sq.device)
-            depth = (none, none.to(torch.float32))
-        zero = present & self._weight & (grad_sq == 0)
+            depth, depth_value = self._never.expand(len(rows)), self._nil.expand(len(rows))
+        zero = (win.grad_sq == self._zero_at) & win.present
         if any(ev.unreached is not None for ev in rows):
             # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
             none = torch.zeros_like(self._weight)
             zero = zero & ~stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else none)
         # An exact zero that neither zero weights nor dead/saturated units explain (a constant 0 gate) is no_gradient's.
-        zero = zero & ~blocked_zero(rows, grad_sq, present, self.ctx)
-        ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
-        low = valid & self._weight & (ratio < self.min_ratio) & (grad_sq > 0)
-        dying = self._dying(rows, depth[0] | low.any(-1))
-        return [depth[0], zero, low, dying[0]], [depth[1], grad_sq, ratio, dying[1]]
+        blocked = blocked_zero(rows, win.grad_sq, win.present, self.ctx)
+        if blocked is not None:
+            zero = zero & ~blocked
+        ratio = relative_to_weights(rows, win, param_norm, self._floor)
+        low = ratio < self._low_at
+        dying = self._dying(rows, depth, low)
+        return [depth, zero, low, dying[0]], [depth_value, win.grad_sq, ratio, dying[1]]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
@@ -313,24 +314,44 @@ class Exploding(WindowedChecks):
         self.state.add_state("last.held", lambda dev: torch.zeros(1, dtype=torch.bool, device=dev))
         self.state.bind(ctx.device)
         self._imm: list[Tensor] | None = None
+        self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
+        self._never = torch.zeros(1, dtype=torch.bool, device=ctx.device)
+        self._nil = torch.zeros(1, device=ctx.device)
+        self._warm_level: Tensor | None = None  # the early level, once read back complete (it moves no more)
+        self._warm = False
 
-    def _growth(self, total: Tensor) -> tuple[Tensor, Tensor]:
+    def readout(self) -> dict[str, Tensor]:
+        out = super().readout()
+        if not self._warm:  # until the early level is read back complete (then the growth check is cheaper)
+            out["growth_ref.count"] = self.state["growth_ref.count"].reshape(1)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._warm, self._warm_level = False, None  # the loaded level is not read back yet
+
+    def _growth(self, usable: Tensor, log_total: Tensor) -> tuple[Tensor, Tensor]:
         """Per step: whether the total norm is ``growth`` times its early level, and by how much.
 
         The early level is the geometric mean of the first ``growth_warmup`` usable total norms;
         the window's steps are folded at once: before step ``t`` the level has counted
         ``min(count0 + usable steps before t, growth_warmup)`` norms (``count0`` once it is full).
+        Once the host has read the count back complete, the level is a constant (what the general
+        form computes then, in fewer ops).
         """
         st = self.state
         ref_sum, ref_count = st["growth_ref.sum"], st["growth_ref.count"]
-        usable = torch.isfinite(total) & (total > 0)
-        x = total.clamp_min(TINY).log()
+        if self._warm:
+            if self._warm_level is None:
+                self._warm_level = ref_sum / ref_count.clamp_min(1)
+            excess = log_total - self._warm_level
+            return usable & (excess > math.log(self.growth)), excess.exp()
         u = usable.to(torch.float32)
         count = torch.maximum(ref_count, (ref_count + (u.cumsum(0) - u)).clamp_max(self.growth_warmup))
         learn = usable & (count < self.growth_warmup)
-        xl = torch.where(learn, x, 0.0)
+        xl = torch.where(learn, log_total, 0.0)
         level_sum = ref_sum + (xl.cumsum(0) - xl)
-        excess = x - level_sum / count.clamp_min(1)
+        excess = log_total - level_sum / count.clamp_min(1)
         cond = usable & (count >= self.growth_warmup) & (excess > math.log(self.growth))
         st["growth_ref.sum"] = ref_sum + xl.sum()
         st["growth_ref.count"] = count[-1] + learn[-1].to(torch.float32)
@@ -338,54 +359,66 @@ class Exploding(WindowedChecks):
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
-        grad_sq, present, total = window_stats(rows)
-        numel = self.ctx.numel
-        grow, grow_value = self._growth(total)
-        if self._profile.enabled:
-            log_r, ok = self._profile.log_ratio(rows, grad_sq, present, numel)
-            depth = (ok & (log_r > math.log(self.depth_ratio)), log_r.exp())
-        else:
-            depth = (torch.zeros_like(grow), torch.zeros_like(grow_value))
-        ratio, valid = relative_to_weights(rows, grad_sq, present, param_norm, numel)
-        high = valid & (ratio > self.max_ratio) & torch.isfinite(ratio)
-        # Total weight norm over the present layers; NaN (no weight norm known yet) fails the test.
-        pn = (param_norm * present).square().sum(1).sqrt()
-        whole = total / pn.clamp_min(TINY)
-        over = torch.isfinite(total) & (pn > 0) & (whole > self.max_ratio)
-        overflow, rate = self._overflow(total, depth[0] | high.any(-1) | over | grow)
-        # Severity-scaled persistence: 1e4x past the threshold fires on the step it is seen.
+        win = grad_window(rows)
+        total, n = win.total, len(rows)
+        below_inf = total < math.inf  # NaN: False
+        usable = (total > 0) & below_inf
+        log_total = total.clamp_min(TINY).log()
+        grow, grow_value = self._growth(usable, log_total)
         far = math.log(_FAR)
+        if self._profile.enabled:
+            log_r = self._profile.log_ratio(rows, win)  # NaN (a group without usable layers) fails every test
+            depth, depth_imm = log_r > math.log(self.depth_ratio), log_r > math.log(self.depth_ratio) + far
+            depth_value = self._profile.ratio(rows, win)
+        else:
+            depth = depth_imm = self._never.expand(n)
+            depth_value = self._nil.expand(n)
+        ratio = relative_to_weights(rows, win, param_norm, self._floor)  # NaN where it means nothing
+        high = ratio > self.max_ratio
+        # Total weight norm over the present layers; NaN (no weight norm known yet) fails the test.
+        pn = (param_norm * win.present).square().sum(-1).sqrt()
+        whole = torch.where((pn > 0) & below_inf, total / pn.clamp_min(TINY), math.nan)
+        over = whole > self.max_ratio
+        overflow, rate = self._overflow(total, usable, below_inf, log_total, depth | high.any(-1) | over | grow)
+        # Severity-scaled persistence: 1e4x past the threshold fires on the step it is seen.
         self._imm = [
-            depth[0] & (log_r > math.log(self.depth_ratio) + far) if self._profile.enabled else depth[0],
-            high & (ratio > self.max_ratio * _FAR),
-            over & (whole > self.max_ratio * _FAR),
-            torch.zeros_like(grow),
+            depth_imm,
+            ratio > self.max_ratio * _FAR,
+            whole > self.max_ratio * _FAR,
+            self._never.expand(n),
             overflow,
         ]
-        return [depth[0], high, over, grow, overflow], [depth[1], ratio, whole, grow_value, rate]
+        return [depth, high, over, grow, overflow], [depth_value, ratio, whole, grow_value, rate]
 
     def immediates(self, steps: int) -> list[Tensor] | None:
         imm, self._imm = self._imm, None
         return imm
 
-    def _overflow(self, total: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
-        """Per step: the explosion outruns the persistence (see the class docstring), and the growth rate."""
+    def _overflow(
+        self, total: Tensor, finite: Tensor, below_inf: Tensor, log_total: Tensor, held: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per step: the explosion outruns the persistence (see the class docstring), and the growth rate.
+
+        ``finite``: the total norm is finite and > 0; ``below_inf``: it is not Inf/NaN.
+        """
         st = self.state
-        finite = torch.isfinite(total) & (total > 0)
-        prev = torch.cat([st["last.total"], total[:-1]])
-        prev_ok = torch.isfinite(prev) & (prev > 0)
-        rate = torch.where(finite & prev_ok, total / prev.clamp_min(TINY), float("nan"))  # NaN: unknown
-        rates = torch.cat([st["last.rate"], rate])
+        last_rate = st["last.rate"]  # the rates into the two steps before the window
+        if total.shape[0] == 1:  # one step (log_every=1): the previous step is the state itself
+            prev, prev_held = st["last.total"], st["last.held"]
+        else:
+            prev = torch.cat([st["last.total"], total[:-1]])
+            prev_held = torch.cat([st["last.held"], held[:-1]])
+        prev_ok = (prev > 0) & (prev < math.inf)
+        rate = torch.where(finite & prev_ok, total / prev.clamp_min(TINY), math.nan)  # NaN: unknown
+        rates = torch.cat([last_rate, rate])
         prev_rate, prev2_rate = rates[1:-1], rates[:-2]
-        prev_held = torch.cat([st["last.held"], held[:-1]])
         # Growth, not an oscillation: >= 10x into the step before, and not falling the step before that
         # (a norm alternating between two branches' scales is not an explosion).
         growing = (prev_rate >= _FAST_GROWTH) & ~(prev2_rate < 1)
-        # log(total) + persist * log(rate) >= log(float32 max): Inf within the persistence window at this rate.
-        to_inf = finite & (rate > 1) & (
-            total.clamp_min(TINY).log() + self.persist * rate.clamp_min(1).log() >= math.log(_F32_MAX)
-        )
-        after_growth = ~torch.isfinite(total) & (growing | prev_held)
+        # log(total) + persist * log(rate) >= log(float32 max): Inf within the persistence window at this rate
+        # (a NaN rate, unknown, fails it; where rate <= 1 the first test fails).
+        to_inf = (rate > 1) & (torch.add(log_total, rate.log(), alpha=self.persist) >= math.log(_F32_MAX))
+        after_growth = ~below_inf & (growing | prev_held)
         st["last.total"] = total[-1:]
         st["last.rate"] = rates[-2:]
         st["last.held"] = held[-1:]
@@ -393,6 +426,8 @@ class Exploding(WindowedChecks):
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
+        count = values.get("growth_ref.count")
+        self._warm = self._warm or (count is not None and count[0] >= self.growth_warmup)
         names = self.ctx.names
         fired = self.fired_by_source(values)
         out: list[Finding] = []

@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int
-from gradwatch.detectors._common import WindowedChecks
+from gradwatch.detectors._common import WindowedChecks, grad_window
 from gradwatch.detectors.base import DetectorContext, Finding, Latch, StepEvidence, stacked
 
 __all__ = ["NoGradient", "blocked_zero"]
 
 
-def blocked_zero(rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, ctx: DetectorContext) -> Tensor:
+def blocked_zero(rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, ctx: DetectorContext) -> Tensor | None:
     """``[T, n]``: an exactly zero gradient that backward computed but nothing in the model explains.
 
     An exact zero reaches a layer that backward does reach in three ways: zero weights downstream (an
@@ -31,30 +31,30 @@ def blocked_zero(rows: list[StepEvidence], grad_sq: Tensor, present: Tensor, ctx
     or a factor of exactly 0 outside the weights (a constant 0 gate, a mask). With no weight matrix all
     zeros (read on the device at the fold, the weights themselves: a layer's norm also counts its bias)
     and every tracked activation layer partly alive, only the last is left: the layer gets no gradient as
-    surely as one the loss never reaches. Without tracked activations nothing is claimed (all False), and
-    ``vanishing``'s zero check keeps the layer.
+    surely as one the loss never reaches. Without tracked activations nothing is claimed (``None``: all
+    False, at no device op), and ``vanishing``'s zero check keeps the layer.
     """
-    t, n = grad_sq.shape
-    never = torch.zeros(t, n, dtype=torch.bool, device=grad_sq.device)
     if not ctx.weight_layers or any(ev.activations is None for ev in rows):
-        return never
+        return None
     dead = stacked(rows, "act_dead", lambda ev: ev.activations.dead)  # type: ignore[union-attr]
     saturated = stacked(rows, "act_saturated", lambda ev: ev.activations.saturated)  # type: ignore[union-attr]
     seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
     if dead.shape[-1] == 0:
-        return never
+        return None
     # A whole layer off (every unit zero on the batch) or pinned to its asymptotes passes (almost) no gradient.
     off = (seen & ((dead >= 1.0) | (saturated >= 1.0))).any(-1)
     weights = [p for i in ctx.weight_layers for p in ctx.layers[i].params if p.dim() >= 2]
     if not weights:
-        return never
+        return None
 
-    def all_zero() -> Tensor:  # a weight matrix that is exactly 0 everywhere (device op, no host read)
-        return torch.stack([p.detach().abs().amax().to(grad_sq.device, torch.float32) for p in weights]).eq(0).any()
+    def all_zero() -> Tensor:  # a weight matrix that is exactly 0 everywhere (device ops, no host read)
+        with torch.no_grad():  # one foreach kernel for every matrix: ops that do not grow with depth
+            peaks = torch._foreach_norm(weights, float("inf"))
+        return torch.stack([x.to(grad_sq.device, torch.float32) for x in peaks]).eq(0).any()
 
     zero_weights = rows[-1].derived("zero_weight_matrix", all_zero)
     explained = zero_weights | off
-    return present & (grad_sq == 0) & ~explained.expand(t).unsqueeze(-1)
+    return present & (grad_sq == 0) & ~explained.expand(grad_sq.shape[0]).unsqueeze(-1)
 
 
 class NoGradient(WindowedChecks):
@@ -107,15 +107,23 @@ class NoGradient(WindowedChecks):
         super().fold()
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        grad_sq = stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq)
-        present = stacked(rows, "present", lambda ev: ev.stats.present)
-        scope = stacked(rows, "optimized", lambda ev: ev.optimized if ev.optimized is not None else self._all)
-        unreached = stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else self._none)
+        assert self.ctx is not None
+        win = grad_window(rows)
+        grad_sq, present = win.grad_sq, win.present
         got = present & (grad_sq != 0)  # NaN/Inf count as a gradient: nonfinite reports them
         # Unreached, or reached but multiplied by an exact 0 that neither zero weights nor dead units explain.
-        missing = ~present | (unreached & present & (grad_sq == 0)) | blocked_zero(rows, grad_sq, present, self.ctx)
-        others = (got & scope).any(-1, keepdim=True)
-        return [scope & missing & others], [grad_sq.sqrt().expand(len(rows), -1)]
+        missing = ~present
+        if any(ev.unreached is not None for ev in rows):
+            unreached = stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else self._none)
+            missing = missing | (unreached & present & (grad_sq == 0))
+        blocked = blocked_zero(rows, grad_sq, present, self.ctx)
+        if blocked is not None:
+            missing = missing | blocked
+        if any(ev.optimized is not None for ev in rows):
+            scope = stacked(rows, "optimized", lambda ev: ev.optimized if ev.optimized is not None else self._all)
+            missing, got = scope & missing, got & scope
+        # win.norm is [T, L]: the value where the entry fires.
+        return [missing & got.any(-1, keepdim=True)], [win.norm]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None

@@ -45,11 +45,17 @@ class NonFinite(Detector):
         if not rows:
             return
         assert self.ctx is not None
-        bad = stacked(rows, "any_nonfinite", lambda ev: ev.stats.any_nonfinite)
-        first = bad.reshape(-1).to(torch.uint8).argmax()
+        steps = window_steps(rows, self.ctx.device)
+        if len(rows) == 1:  # log_every=1: the one step is the first (no search, no gather)
+            stats = rows[0].stats
+            self.latch.update(stats.any_nonfinite, steps, layers=stats.nonfinite)
+            return
+        bad = stacked(rows, "any_nonfinite", lambda ev: ev.stats.any_nonfinite).reshape(-1)
+        first = bad.to(torch.uint8).argmax().reshape(1)  # the first non-finite row (0 when none is)
         flags = stacked(rows, "nonfinite", lambda ev: ev.stats.nonfinite)
-        layers = flags[first] if flags.shape[0] == len(rows) else flags[0]
-        self.latch.update(bad.any(), window_steps(rows, self.ctx.device)[first], layers=layers.to(torch.float32))
+        layers = flags.index_select(0, first).squeeze(0) if flags.shape[0] == len(rows) else flags[0]
+        # index_select, not [first]: indexing by a 0-d tensor would read it on the host (a device sync).
+        self.latch.update(bad.any(), steps.index_select(0, first), layers=layers)
 
     def readout(self) -> dict[str, Tensor]:
         self.fold()
