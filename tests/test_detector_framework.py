@@ -286,8 +286,9 @@ def test_exploding_growth_folded_per_window_matches_stepwise_reference(reads: ra
         if t + 1 in reads or t == len(norms) - 1:
             firsts += [(f.step, f.value) for f in d.collect(read(d), t) if f.source == "growth"]
     ref_sum, ref_count, fires = _growth_reference(norms, 6, 100.0, 2)
-    assert d.state["growth_ref.count"].item() == ref_count == 6
-    assert d.state["growth_ref.sum"].item() == pytest.approx(ref_sum, rel=1e-5)
+    level = d.state_dict()["growth_ref"]
+    assert level["count"].item() == ref_count == 6
+    assert level["sum"].item() == pytest.approx(ref_sum, rel=1e-5)
     # The latch keeps the first firing step of each read window.
     bounds = sorted({0, *reads, len(norms)})
     expected = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from gradwatch.detectors.base import (
     window_steps,
 )
 
-__all__ = ["GradWindow", "UpdateLossSeries", "WindowedChecks", "fmt", "grad_window", "side_by_side"]
+__all__ = ["GradWindow", "UpdateLossSeries", "WindowedChecks", "constant", "fmt", "grad_window", "side_by_side"]
 
 
 class GradWindow(NamedTuple):
@@ -55,6 +56,13 @@ def grad_window(rows: list[StepEvidence]) -> GradWindow:
         return GradWindow(grad_sq, present, total, grad_sq.sqrt(), usable)
 
     return rows[-1].derived(("window", "grads", id(rows[0]), len(rows)), make)
+
+
+@functools.cache
+def constant(value: float, device: torch.device) -> Tensor:
+    """A 0-d float32 ``value`` on ``device``, made once: ``torch.where(c, x, constant(...))`` then dispatches
+    no op to wrap a Python number in a tensor."""
+    return torch.full((), value, dtype=torch.float32, device=device)
 
 
 def side_by_side(parts: list[Tensor]) -> Tensor:

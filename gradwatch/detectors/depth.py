@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import GradWindow, WindowedChecks, fmt, grad_window
-from gradwatch.detectors.base import TINY, DetectorContext, Finding, StepEvidence, stacked
+from gradwatch.detectors._common import GradWindow, WindowedChecks, constant, fmt, grad_window
+from gradwatch.detectors.base import TINY, DetectorContext, Finding, Fired, StepEvidence, _flatten, stacked
 from gradwatch.detectors.no_gradient import blocked_zero
 
 __all__ = ["Exploding", "Vanishing"]
@@ -48,7 +48,7 @@ def relative_to_weights(rows: list[StepEvidence], win: GradWindow, param_norm: T
 
     def make() -> Tensor:
         valid = win.usable & (param_norm > floor) & (param_norm < math.inf)
-        return torch.where(valid, win.norm / param_norm.clamp_min(TINY), math.nan)
+        return torch.where(valid, win.norm / param_norm.clamp_min(TINY), constant(math.nan, valid.device))
 
     return rows[-1].derived(("window", "relative", id(rows[0]), len(rows), id(param_norm)), make)
 
@@ -89,8 +89,9 @@ class DepthProfile:
         log_rms = (win.norm / self._sqrt_numel).clamp_min(TINY).log()
         pick = win.usable.unsqueeze(-2) & self.groups  # [T, 2, L]: the usable layers of each group
         count = pick.sum(-1)
-        mean = torch.where(pick, log_rms.unsqueeze(-2), 0.0).sum(-1) / count.clamp_min(1)
-        return torch.where(count.amin(-1) > 0, (mean * self._sign).sum(-1), math.nan)
+        dev = log_rms.device
+        mean = torch.where(pick, log_rms.unsqueeze(-2), constant(0.0, dev)).sum(-1) / count.clamp_min(1)
+        return torch.where(count.amin(-1) > 0, (mean * self._sign).sum(-1), constant(math.nan, dev))
 
 
 class Vanishing(WindowedChecks):
@@ -244,6 +245,102 @@ class Vanishing(WindowedChecks):
         return out
 
 
+class _ModelWide:
+    """:class:`Exploding`'s model-wide checks (``depth``, ``total``, ``growth``, ``overflow``), run on the host.
+
+    Each is a scalar per step and two are sequential recursions (the early level of the total norm, the
+    growth rate); on the device they cost dozens of kernel launches per fold. Four figures per step
+    travel in the logging step's one transfer instead (the total gradient norm, the total weight norm,
+    the log depth ratio, whether any layer's ratio check held) and the checks run here, in float64,
+    microseconds of Python per step, with :class:`Persistence`'s semantics (streaks of ``persist`` steps,
+    severity-scaled immediates, the first firing step and value kept until :meth:`fired` reads them).
+    """
+
+    def __init__(self, det: Exploding) -> None:
+        self.det = det
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state."""
+        self.streak = [0.0] * 4  # depth, total, growth, overflow
+        self.fired_step = [-1.0] * 4
+        self.fired_value = [0.0] * 4
+        self.ref_sum = self.ref_count = 0.0  # of the log total norms of the first growth_warmup usable steps
+        # The last step folded: its total norm, the growth rates into the two steps before it, whether a check held.
+        self.last_total = math.nan
+        self.last_rate = [math.nan, math.nan]
+        self.last_held = False
+
+    def run(self, steps: list[int], figures: list[float]) -> None:
+        """Fold the steps' figures (4 per step, oldest first; see the class docstring)."""
+        d = self.det
+        depth_at, growth_at, max_ratio = math.log(d.depth_ratio), math.log(d.growth), d.max_ratio
+        far, top = math.log(_FAR), math.log(_F32_MAX)
+        for i, step in enumerate(steps):
+            total, pn, log_r, high = figures[4 * i : 4 * i + 4]
+            usable = 0 < total < math.inf  # NaN: False
+            log_total = math.log(max(total, TINY)) if total == total else math.nan
+            # growth: against the geometric mean of the first growth_warmup usable total norms
+            excess = log_total - self.ref_sum / max(self.ref_count, 1.0)
+            grow = usable and self.ref_count >= d.growth_warmup and excess > growth_at
+            if usable and self.ref_count < d.growth_warmup:
+                self.ref_sum += log_total
+                self.ref_count += 1.0
+            # depth: NaN (a group without usable layers) fails both tests
+            depth, depth_far = log_r > depth_at, log_r > depth_at + far
+            # total: the total gradient norm over the total weight norm of the present layers
+            whole = total / max(pn, TINY) if pn > 0 and total < math.inf else math.nan
+            over = whole > max_ratio
+            # overflow (see Exploding): at this step's growth rate, Inf within the persistence window, or
+            # the Inf itself after fast growth (>= 10x into the step before, not falling the step before that)
+            # or after a step where another check held
+            prev = self.last_total
+            rate = total / max(prev, TINY) if usable and 0 < prev < math.inf else math.nan
+            prev2_rate, prev_rate = self.last_rate
+            growing = prev_rate >= _FAST_GROWTH and not prev2_rate < 1
+            to_inf = rate > 1 and log_total + d.persist * math.log(rate) >= top
+            overflow = to_inf or (not total < math.inf and (growing or self.last_held))
+            self.last_total, self.last_rate = total, [prev_rate, rate]
+            self.last_held = depth or high > 0 or over or grow
+            checks = (
+                (depth, depth_far, math.exp(log_r) if log_r == log_r else math.nan),
+                (over, whole > max_ratio * _FAR, whole),
+                (grow, False, math.exp(min(excess, 700.0)) if excess == excess else math.nan),
+                (overflow, overflow, rate if usable else prev_rate),
+            )
+            for k, (cond, now, value) in enumerate(checks):
+                self.streak[k] = self.streak[k] + 1.0 if cond else 0.0
+                if (self.streak[k] >= d.persist or now) and self.fired_step[k] < 0:
+                    self.fired_step[k], self.fired_value[k] = float(step), value
+
+    def fired(self) -> dict[str, list[Fired]]:
+        """The latched entries by check (index 0), and free them."""
+        out: dict[str, list[Fired]] = {}
+        for k, name in enumerate(("depth", "total", "growth", "overflow")):
+            s, v = self.fired_step[k], self.fired_value[k]
+            out[name] = [Fired(0, int(s), v, {"value": v})] if s >= 0 else []
+            self.fired_step[k] = -1.0
+        return out
+
+    def load(self, flat: dict[str, Tensor]) -> None:
+        """Restore the host entries of :meth:`Exploding.state_dict` (flat names; missing ones are kept)."""
+        for key, attr in (("checks.streak", "streak"), ("checks.fired_step", "fired_step"),
+                          ("checks.fired_value", "fired_value")):
+            if key in flat:
+                v = flat[key].tolist()
+                setattr(self, attr, [v[0], *v[-3:]])
+        if "growth_ref.sum" in flat:
+            self.ref_sum = float(flat["growth_ref.sum"])
+        if "growth_ref.count" in flat:
+            self.ref_count = float(flat["growth_ref.count"])
+        if "last.total" in flat:
+            self.last_total = float(flat["last.total"].reshape(-1)[0])
+        if "last.rate" in flat:
+            self.last_rate = [float(x) for x in flat["last.rate"].reshape(-1)]
+        if "last.held" in flat:
+            self.last_held = bool(flat["last.held"].reshape(-1)[0])
+
+
 class Exploding(WindowedChecks):
     """Gradients large enough to destroy the weights they update.
 
@@ -284,7 +381,10 @@ class Exploding(WindowedChecks):
         persist: consecutive steps a condition must hold.
     """
 
-    sources = (("depth", False), ("ratio", True), ("total", False), ("growth", False), ("overflow", False))
+    # On the device, per layer: the ratio check. The model-wide checks run on the host (_ModelWide) over
+    # four figures per step read back at the logging step; state_dict keeps every check side by side.
+    sources = (("ratio", True),)
+    layout = ("depth", "ratio", "total", "growth", "overflow")  # the order of the checkpointed entries
 
     def __init__(
         self,
@@ -301,135 +401,105 @@ class Exploding(WindowedChecks):
         if self.growth <= 1:
             raise ValueError(f"`growth` must be > 1; got {growth!r}")
         self.growth_warmup = check_int("growth_warmup", growth_warmup, 1)
+        self._host = _ModelWide(self)
+        self._figures: list[Tensor] = []  # per fold: float32[T, 4], the model-wide figures of its steps
+        self._figure_steps: list[int] = []  # their step numbers (host ints), not read out yet
+        self._read_steps: list[int] = []  # the step numbers of the figures read out, not collected yet
+        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
+        if self.state.bound:  # bound again (a new monitor): the host state starts over too
+            self._host.reset()
         super().bind(ctx)
         self._profile = DepthProfile(ctx)
-        # Sum and count of the log total norms of the first growth_warmup usable steps.
-        self.state.add_state("growth_ref.sum", lambda dev: torch.zeros((), device=dev))
-        self.state.add_state("growth_ref.count", lambda dev: torch.zeros((), device=dev))
-        # The last step of the previous window: its total norm, growth rate, and whether a check held.
-        self.state.add_state("last.total", lambda dev: torch.full((1,), float("nan"), device=dev))
-        self.state.add_state("last.rate", lambda dev: torch.full((2,), float("nan"), device=dev))  # t-2, t-1
-        self.state.add_state("last.held", lambda dev: torch.zeros(1, dtype=torch.bool, device=dev))
         self.state.bind(ctx.device)
         self._imm: list[Tensor] | None = None
         self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
-        self._never = torch.zeros(1, dtype=torch.bool, device=ctx.device)
-        self._nil = torch.zeros(1, device=ctx.device)
-        self._warm_level: Tensor | None = None  # the early level, once read back complete (it moves no more)
-        self._warm = False
-
-    def readout(self) -> dict[str, Tensor]:
-        out = super().readout()
-        if not self._warm:  # until the early level is read back complete (then the growth check is cheaper)
-            out["growth_ref.count"] = self.state["growth_ref.count"].reshape(1)
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._warm, self._warm_level = False, None  # the loaded level is not read back yet
-
-    def _growth(self, usable: Tensor, log_total: Tensor) -> tuple[Tensor, Tensor]:
-        """Per step: whether the total norm is ``growth`` times its early level, and by how much.
-
-        The early level is the geometric mean of the first ``growth_warmup`` usable total norms;
-        the window's steps are folded at once: before step ``t`` the level has counted
-        ``min(count0 + usable steps before t, growth_warmup)`` norms (``count0`` once it is full).
-        Once the host has read the count back complete, the level is a constant (what the general
-        form computes then, in fewer ops).
-        """
-        st = self.state
-        ref_sum, ref_count = st["growth_ref.sum"], st["growth_ref.count"]
-        if self._warm:
-            if self._warm_level is None:
-                self._warm_level = ref_sum / ref_count.clamp_min(1)
-            excess = log_total - self._warm_level
-            return usable & (excess > math.log(self.growth)), excess.exp()
-        u = usable.to(torch.float32)
-        count = torch.maximum(ref_count, (ref_count + (u.cumsum(0) - u)).clamp_max(self.growth_warmup))
-        learn = usable & (count < self.growth_warmup)
-        xl = torch.where(learn, log_total, 0.0)
-        level_sum = ref_sum + (xl.cumsum(0) - xl)
-        excess = log_total - level_sum / count.clamp_min(1)
-        cond = usable & (count >= self.growth_warmup) & (excess > math.log(self.growth))
-        st["growth_ref.sum"] = ref_sum + xl.sum()
-        st["growth_ref.count"] = count[-1] + learn[-1].to(torch.float32)
-        return cond, excess.exp()
+        self._nan = torch.full((1,), math.nan, device=ctx.device)
+        self._figures, self._figure_steps, self._read_steps = [], [], []
+        if self._loaded is not None:
+            self._load(self._loaded)
+            self._loaded = None
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
         win = grad_window(rows)
-        total, n = win.total, len(rows)
-        below_inf = total < math.inf  # NaN: False
-        usable = (total > 0) & below_inf
-        log_total = total.clamp_min(TINY).log()
-        grow, grow_value = self._growth(usable, log_total)
-        far = math.log(_FAR)
-        if self._profile.enabled:
-            log_r = self._profile.log_ratio(rows, win)  # NaN (a group without usable layers) fails every test
-            depth, depth_imm = log_r > math.log(self.depth_ratio), log_r > math.log(self.depth_ratio) + far
-            depth_value = self._profile.ratio(rows, win)
-        else:
-            depth = depth_imm = self._never.expand(n)
-            depth_value = self._nil.expand(n)
+        n = len(rows)
         ratio = relative_to_weights(rows, win, param_norm, self._floor)  # NaN where it means nothing
         high = ratio > self.max_ratio
-        # Total weight norm over the present layers; NaN (no weight norm known yet) fails the test.
-        pn = (param_norm * win.present).square().sum(-1).sqrt()
-        whole = torch.where((pn > 0) & below_inf, total / pn.clamp_min(TINY), math.nan)
-        over = whole > self.max_ratio
-        overflow, rate = self._overflow(total, usable, below_inf, log_total, depth | high.any(-1) | over | grow)
         # Severity-scaled persistence: 1e4x past the threshold fires on the step it is seen.
-        self._imm = [
-            depth_imm,
-            ratio > self.max_ratio * _FAR,
-            whole > self.max_ratio * _FAR,
-            self._never.expand(n),
-            overflow,
-        ]
-        return [depth, high, over, grow, overflow], [depth_value, ratio, whole, grow_value, rate]
+        self._imm = [ratio > self.max_ratio * _FAR]
+        # Total weight norm over the present layers (NaN: no weight norm known yet).
+        pn = (param_norm * win.present).square().sum(-1).sqrt().expand(n)
+        log_r = self._profile.log_ratio(rows, win) if self._profile.enabled else self._nan.expand(n)
+        self._figures.append(torch.stack([win.total, pn, log_r, high.any(-1)], -1))  # the bool promotes to float
+        self._figure_steps.extend(ev.stats.step for ev in rows)
+        return [high], [ratio]
 
     def immediates(self, steps: int) -> list[Tensor] | None:
         imm, self._imm = self._imm, None
         return imm
 
-    def _overflow(
-        self, total: Tensor, finite: Tensor, below_inf: Tensor, log_total: Tensor, held: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Per step: the explosion outruns the persistence (see the class docstring), and the growth rate.
+    def readout(self) -> dict[str, Tensor]:
+        out = super().readout()  # folds the recorded steps
+        if self._figures:
+            figures = self._figures[0] if len(self._figures) == 1 else torch.cat(self._figures)
+            out["figures"] = figures.reshape(-1)
+            self._read_steps += self._figure_steps
+            self._figures, self._figure_steps = [], []
+        return out
 
-        ``finite``: the total norm is finite and > 0; ``below_inf``: it is not Inf/NaN.
-        """
-        st = self.state
-        last_rate = st["last.rate"]  # the rates into the two steps before the window
-        if total.shape[0] == 1:  # one step (log_every=1): the previous step is the state itself
-            prev, prev_held = st["last.total"], st["last.held"]
-        else:
-            prev = torch.cat([st["last.total"], total[:-1]])
-            prev_held = torch.cat([st["last.held"], held[:-1]])
-        prev_ok = (prev > 0) & (prev < math.inf)
-        rate = torch.where(finite & prev_ok, total / prev.clamp_min(TINY), math.nan)  # NaN: unknown
-        rates = torch.cat([last_rate, rate])
-        prev_rate, prev2_rate = rates[1:-1], rates[:-2]
-        # Growth, not an oscillation: >= 10x into the step before, and not falling the step before that
-        # (a norm alternating between two branches' scales is not an explosion).
-        growing = (prev_rate >= _FAST_GROWTH) & ~(prev2_rate < 1)
-        # log(total) + persist * log(rate) >= log(float32 max): Inf within the persistence window at this rate
-        # (a NaN rate, unknown, fails it; where rate <= 1 the first test fails).
-        to_inf = (rate > 1) & (torch.add(log_total, rate.log(), alpha=self.persist) >= math.log(_F32_MAX))
-        after_growth = ~below_inf & (growing | prev_held)
-        st["last.total"] = total[-1:]
-        st["last.rate"] = rates[-2:]
-        st["last.held"] = held[-1:]
-        return to_inf | after_growth, torch.where(finite, rate, prev_rate)
+    # -- checkpoints: every check's entries side by side, in ``layout`` order, as one stacked persistence
+    def state_dict(self) -> dict[str, Any]:
+        if not self.state.bound:
+            return {} if self._loaded is None else dict(self._loaded)
+        self.fold()
+        if self._figures:  # figures not read back yet: one host read, and the host folds them now
+            figures = torch.cat(self._figures).reshape(-1).tolist()
+            self._host.run(self._figure_steps, figures)
+            self._figures, self._figure_steps = [], []
+        dev = self.state.state_dict()["checks"]
+        h = self._host
+        on = dev["streak"].device
+
+        def f32(x: Any) -> Tensor:
+            return torch.tensor(x, dtype=torch.float32, device=on)
+
+        def side(host: list[float], t: Tensor) -> Tensor:  # layout order: depth, ratio (per layer), the others
+            return torch.cat([f32(host[:1]), t.to(on, torch.float32), f32(host[1:])])
+
+        return {
+            "checks": {
+                "streak": side(h.streak, dev["streak"]),
+                "fired_step": side(h.fired_step, dev["fired_step"]),
+                "fired_value": side(h.fired_value, dev["fired_value"]),
+            },
+            "growth_ref": {"sum": f32(h.ref_sum), "count": f32(h.ref_count)},
+            "last": {
+                "total": f32([h.last_total]),
+                "rate": f32(h.last_rate),
+                "held": torch.tensor([h.last_held], device=on),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.state.bound:
+            self._load(state)
+        else:  # the number of layers is known at bind
+            self._loaded = {**(self._loaded or {}), **state}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
+        self._host.load(flat)
+        self.state.load_state_dict({k: v[1:-3] for k, v in flat.items() if k.startswith("checks.") and v.dim() == 1})
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
-        count = values.get("growth_ref.count")
-        self._warm = self._warm or (count is not None and count[0] >= self.growth_warmup)
+        if "figures" in values:
+            self._host.run(self._read_steps, values["figures"])
+            self._read_steps = []
         names = self.ctx.names
-        fired = self.fired_by_source(values)
+        fired = {**self.fired_by_source(values), **self._host.fired()}
         out: list[Finding] = []
         for f in fired["depth"]:
             first = names[self._profile.first_layer]
