@@ -76,6 +76,7 @@ class MonitorOptions:
     on_alert: str | Callable[[Alert], Any] = "warn"
     sinks: list[Sink] | None = None
     log_every: int = 10
+    grad_max_every: int = 100
     granularity: str = "module"
     track_activations: bool = False
     track_time: bool | None = None
@@ -109,6 +110,7 @@ class MonitorOptions:
             check_choice("on_alert", o.on_alert, ON_ALERT)
         check_choice("granularity", o.granularity, GRANULARITIES)
         check_int("log_every", o.log_every, 1)
+        check_int("grad_max_every", o.grad_max_every, 1)
         check_int("history_size", o.history_size, 1)
         check_int("max_alerts", o.max_alerts, 1)
         check_int("remind_every", o.remind_every, 1)

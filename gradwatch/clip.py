@@ -113,6 +113,9 @@ class Value(_Stateless):
         clip_value: the largest magnitude allowed per entry.
     """
 
+    # clip/coef needs max |g| on every logging step: the monitor computes it there (see grad_max_every).
+    needs_grad_max = True
+
     def __init__(self, clip_value: float) -> None:
         self.clip_value = check_positive("clip_value", clip_value)
 

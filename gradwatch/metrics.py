@@ -23,7 +23,7 @@ class StepTensors:
     """The device tensors a logging step reports, besides the detectors' readouts.
 
     Attributes:
-        stats: the step's statistics (full: ``grad_max`` and ``param_norm`` present).
+        stats: the step's statistics (full: ``param_norm`` present; ``grad_max`` every ``grad_max_every`` steps).
         nonfinite_counts: non-finite entries per layer, when known on the device (skip/raise path).
         clip_threshold, clip_coef, clipped_norm: the clipper's figures, when clipping.
         amp: ``{"scale": ..., "overflow_steps": ...}`` from the AMP watch, when a scaler is known.
@@ -48,10 +48,11 @@ class StepTensors:
 def register_metrics(out: Readout, t: StepTensors) -> None:
     """Add every tensor of ``t`` to ``out`` under its name (prefix ``"m/"``)."""
     s = t.stats
-    assert s.grad_max is not None and s.param_norm is not None, "metrics are read on full (logging) steps"
+    assert s.param_norm is not None, "metrics are read on full (logging) steps"
     out.add("m/grad_norm", s.grad_norm)
-    out.add("m/grad_max", s.grad_max)
     out.add("m/param_norm", s.param_norm)
+    if s.grad_max is not None:  # every ``grad_max_every`` steps
+        out.add("m/grad_max", s.grad_max)
     out.add("m/total", s.total_norm)
     optional = {
         "m/nonfinite": t.nonfinite_counts,
@@ -97,14 +98,16 @@ def decode_metrics(
         nonfinite_counts: exact per-layer counts read on a rare path, when not in ``values``.
     """
     key = schema.metric_key
-    gn, gmax, pn = values["m/grad_norm"], values["m/grad_max"], values["m/param_norm"]
+    gn, pn = values["m/grad_norm"], values["m/param_norm"]
+    gmax = values["m/grad_max"] if "m/grad_max" in values else None  # every ``grad_max_every`` steps
     m: dict[str, float] = {schema.GRAD_NORM_TOTAL: values.scalar("m/total")}
     for i, name in enumerate(layers):
         if present[i]:
             m[key(schema.GRAD_NORM, name)] = gn[i]
     for i, name in enumerate(layers):
         if present[i]:
-            m[key(schema.GRAD_MAX, name)] = gmax[i]
+            if gmax is not None:
+                m[key(schema.GRAD_MAX, name)] = gmax[i]
             m[key(schema.PARAM_NORM, name)] = pn[i]
             m[key(schema.GRAD_TO_PARAM, name)] = _ratio(gn[i], pn[i])
     counts = values["m/nonfinite"] if "m/nonfinite" in values else nonfinite_counts

@@ -3,9 +3,9 @@
 Every step costs one ``torch._foreach_norm`` pass over the gradients per (device, dtype)
 group: the per-parameter L2 norms are squared and summed into their layers with one
 ``index_add_``. That pass gives the per-layer norms, the total norm and the non-finite flag
-(a sum of squares is non-finite as soon as one entry is). Logging steps add a max-|g| pass and a
-parameter-norm pass. Half-precision tensors are reduced in float32. Nothing here reads a value
-back to the host.
+(a sum of squares is non-finite as soon as one entry is). Logging steps add a parameter-norm
+pass, and a max-|g| pass every ``grad_max_every`` steps. Half-precision tensors are reduced in
+float32. Nothing here reads a value back to the host.
 
 Sharded gradients (FSDP2 / DTensor) are reduced on their local shards and made global with one
 all-reduce of one stacked tensor per statistic (see :mod:`gradwatch.distributed`).
@@ -60,8 +60,9 @@ class GradStats:
     """Per-layer statistics of one step, as device tensors (float32, length = number of layers).
 
     Layers without a gradient this step have ``present`` False and zeros elsewhere.
-    ``grad_max`` and ``param_norm`` are filled on full (logging) steps only; the detectors use
-    the last ``param_norm`` known, since weights move slowly.
+    ``param_norm`` is filled on full (logging) steps only; the detectors use the last
+    ``param_norm`` known, since weights move slowly. ``grad_max`` is filled on the full steps
+    that ask for it (every ``grad_max_every`` steps).
     """
 
     step: int
@@ -79,8 +80,8 @@ class GradStats:
 
     @property
     def full(self) -> bool:
-        """Whether the logging-step statistics are present."""
-        return self.grad_max is not None
+        """Whether the logging-step statistics (parameter norms) are present."""
+        return self.param_norm is not None
 
 
 def _keys(gathered: Gathered) -> list[ReduceKey]:
@@ -265,14 +266,16 @@ class StatsCollector:
         *,
         full: bool,
         inv_scale: Tensor | None = None,
+        grad_max: bool = True,
     ) -> GradStats:
         """Compute the statistics of the gathered gradients.
 
         Args:
             gathered: from :meth:`gather`.
             step: the optimizer step these gradients belong to.
-            full: also compute max |g| and parameter norms (logging steps).
+            full: also compute the parameter norms (logging steps), and max |g| with ``grad_max``.
             inv_scale: multiply gradient statistics by this (AMP gradients not yet unscaled).
+            grad_max: on a full step, also compute max |g| (one more pass over the gradients).
         """
         with torch.no_grad():
             grad_sq, flag = self._per_layer(gathered, "grad", 2.0, flag=True)
@@ -297,11 +300,12 @@ class StatsCollector:
                 # A non-finite unsharded gradient on any rank, or a non-finite global sum.
                 stats.any_nonfinite = stats.any_nonfinite | (flag > 0)
                 stats.agreed = any(spans_world(k) for k in gathered.reduce_keys)
-            if full:
+            if full and grad_max:
                 gmax, _ = self._per_layer(gathered, "grad", float("inf"))
                 if inv_scale is not None:
                     gmax = gmax * inv_scale.to(self.device, torch.float32)
                 stats.grad_max = gmax
+            if full:
                 stats.param_norm = self._per_layer(gathered, "param", 2.0)[0].sqrt()
         return stats
 

@@ -60,7 +60,9 @@ def run_dir(tmp_path):
 def test_plain_loop_history_alerts_table_and_heatmap(tmp_path):
     run = wandb.init(project="gradwatch-test", mode="offline", dir=tmp_path)
     model = sigmoid_stack()
-    monitor = gw.GradWatch(model, sinks=[gw.sinks.Wandb(run, chart_every=5)], log_every=1, on_alert="ignore")
+    monitor = gw.GradWatch(
+        model, sinks=[gw.sinks.Wandb(run, chart_every=5)], log_every=1, grad_max_every=1, on_alert="ignore"
+    )
     train_plain(monitor, model, steps=10)
     monitor.close()
     run.finish()

@@ -92,7 +92,9 @@ def main(mode: str, out: Path) -> None:
         strategy: object = ModelParallelStrategy(data_parallel_size=C.WORLD, tensor_parallel_size=1)
     else:
         strategy = "ddp" if mode == "ddp" else "auto"
-    callback = GradWatchCallback(sinks=[gw.sinks.JSONL(out / "records.jsonl")], log_every=1, on_alert="ignore")
+    callback = GradWatchCallback(
+        sinks=[gw.sinks.JSONL(out / "records.jsonl")], log_every=1, grad_max_every=1, on_alert="ignore"
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
