@@ -8,12 +8,12 @@ only, no host read outside logging steps.
   momentum or betas, weight decay) on the host, from ``param_groups``: at logging steps only, since a
   tensor learning rate would be a host read.
 * :class:`UpdateTracker` measures the update-to-weight ratio ``||dw|| / ||w||`` per layer without a
-  copy of the model: at a logging step it keeps a fixed strided sample of each parameter tensor (at
-  most :data:`UPDATE_SAMPLE` entries, 4 KiB in float32, plus an 8-byte layer index per entry), and at the
-  next step, once the optimizer has stepped, compares. Extra memory: at most 12 KiB per parameter tensor
-  (a ResNet-50's 161 tensors: < 2 MiB), whatever the model's size. The sample is an estimator: with 1024
-  entries its relative error on a ratio is a few percent, far below the two orders of magnitude the
-  remedies look at.
+  copy of the model: at a logging step it keeps a fixed sample of each parameter tensor (at most
+  :data:`UPDATE_SAMPLE` entries, 4 KiB in float32: the whole tensor, or runs of 16 consecutive entries spread
+  over it), and at the next step, once the optimizer has stepped, takes the same entries and compares.
+  Extra memory: at most 8 KiB per parameter tensor, the samples before and after (a ResNet-50's 161
+  tensors: < 1.3 MiB), whatever the model's size. The sample is an estimator: with 1024 entries its
+  relative error on a ratio is a few percent, far below the two orders of magnitude the remedies look at.
 * :class:`InputScale` records the RMS and max of the model's input (the first floating-point tensor
   its forward receives: what reaches the first layer, unless ``forward`` rescales it itself), with a
   forward pre-hook armed on logging steps only (not inside a ``torch.compile``'d forward).
@@ -31,6 +31,7 @@ only, no host read outside logging steps.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ CARRY_SAMPLE = 256
 #: A non-finite step at most this many steps after an ``exploding`` finding is where that explosion ended
 #: (the detectors' persistence: an explosion that outruns it overflows within as many steps).
 AFTER_EXPLODING = 3
+_GRAD = operator.attrgetter("grad")
 # Exploding's default max_ratio: a gradient above 50x its weights, not the step size, makes a large update.
 _GRAD_EXPLODING = 50.0
 
@@ -205,88 +207,244 @@ def optimized_layers(optimizer: torch.optim.Optimizer, layers: Sequence[Layer]) 
     return tuple(any(id(p) in held for p in x.params) for x in layers)
 
 
-def _flat(t: Tensor) -> Tensor:
-    """``t`` as 1-D (a view for contiguous tensors; DTensors by their local shard)."""
+def _local(t: Tensor) -> Tensor:
+    """``t`` detached (a DTensor by its local shard)."""
     to_local = getattr(t, "to_local", None)
     if callable(to_local):
         t = to_local()
-    return t.detach().reshape(-1)
+    return t.detach()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as 1-D (a view for contiguous tensors; DTensors by their local shard)."""
+    return _local(t).reshape(-1)
+
+
+#: Consecutive entries in one run of a sample: 16 float32 are 64 bytes, one cache line.
+RUN = 16
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """How one tensor is sampled: every entry, or ``runs`` runs of ``run`` consecutive entries ``stride`` apart.
+
+    Attributes:
+        layer: the index of the tensor's layer.
+        numel: the tensor's entries.
+        runs: the runs sampled (0: every entry, in order).
+        run: entries per run.
+        stride: entries from the start of one run to the next (a multiple of ``run``).
+    """
+
+    layer: int
+    numel: int
+    runs: int = 0
+    run: int = 0
+    stride: int = 0
+
+    @property
+    def size(self) -> int:
+        """Sampled entries."""
+        return self.runs * self.run if self.runs else self.numel
+
+    def view(self, flat: Tensor) -> Tensor:
+        """The sampled entries of ``flat`` (the tensor as 1-D): ``flat`` itself, or a ``(runs, run)`` view of it."""
+        if not self.runs:
+            return flat
+        return flat.as_strided((self.runs, self.run), (self.stride, 1))
+
+
+def _plan(layer: int, shape: Sequence[int], per_tensor: int) -> _Piece:
+    """The sample of a tensor of ``shape``: every entry up to ``per_tensor`` entries, else runs spread over it.
+
+    A larger tensor gives ``per_tensor // run`` runs of ``run = min(RUN, per_tensor)`` consecutive entries, the
+    first at entry 0, ``stride`` apart: the largest stride that fits them all in the tensor and makes the runs'
+    start columns in a row (``row``: the entries after the first dimension) at most ``run`` apart, i.e.
+    ``gcd(stride, row) <= run``, so that the runs together cover every column. Where that largest stride is at
+    least 16 runs long it is a multiple of ``run`` (every run one whole cache line in float32, the storage being
+    aligned), which leaves at most the last 1/16 of the tensor's span unsampled; a smaller tensor (a few
+    hundred cache lines) keeps the full spread, each run then crossing at most one line boundary.
+    """
+    n = math.prod(shape)
+    if n <= per_tensor:
+        return _Piece(layer, n)
+    run = min(RUN, per_tensor)
+    runs = per_tensor // run
+    if runs == 1:
+        return _Piece(layer, n, 1, run, run)
+    widest = (n - run) // (runs - 1)  # >= run, since n > per_tensor >= runs * run
+    step = run if widest >= 16 * run else 1
+    stride = widest // step * step
+    row = n // shape[0] if len(shape) >= 2 else n
+    if row < n:
+        while stride > step and math.gcd(stride, row) > run:
+            stride -= step
+    return _Piece(layer, n, runs, run, stride)
+
+
+class _Kept:
+    """The sample views of one set of tensors (weights, or gradients), kept while their storages stay."""
+
+    def __init__(self) -> None:
+        self.ptrs: list[int] | None = None  # data pointers the views were made from (None: remake at every call)
+        self.runs: list[Tensor] = []  # (runs, run) views of the tensors sampled by runs
+        self.whole: list[Tensor] = []  # 1-D views of the tensors sampled whole
+        self.convert = False  # whether the joined sample needs a conversion to float32 on the sampler's device
 
 
 class _Sampler:
-    """A fixed strided sample of every parameter tensor (or its gradient), with the layer of each entry."""
+    """A fixed sample of every parameter tensor (or its gradient), with the layer of each entry.
+
+    A tensor of at most ``per_tensor`` entries is sampled whole. A larger one is sampled as ``per_tensor // 16``
+    runs of 16 consecutive entries (a 64-byte cache line in float32), spread evenly over its span at a stride
+    whose runs start in every part of a row (:func:`_plan`). Single entries at a stride would cost a cache line
+    each (a 512x512 weight's stride is 1 KiB): the runs read 16 times fewer lines for the same entries, and
+    their views copy as 16-entry rows, which is what keeps a sample cheap.
+
+    The sample is representative of the tensor: its runs cover the rows (units) evenly and every column (input
+    feature) of a row, so a feature the data leaves at zero or a block of dead units is sampled in its
+    proportion. A ratio of sums of squares over it (the update-to-weight ratio) has a relative error of order
+    ``1/sqrt(entries)`` (~4% for 1024) where the entries vary alike, and at most ``c/sqrt(runs)`` (``c/8`` for
+    64 runs) where whole units differ in scale with a coefficient of variation ``c``: far below the two orders
+    of magnitude between the thresholds the detectors and remedies compare it with.
+
+    Layout: the runs of every tensor sampled by runs, then every tensor sampled whole, each in parameter order
+    (:attr:`pieces`, :attr:`params`); :attr:`index` names each entry's layer.
+
+    Args:
+        layers: the watched layers.
+        per_tensor: at most this many entries per tensor.
+        device: where the sample goes.
+    """
 
     def __init__(self, layers: Sequence[Layer], per_tensor: int, device: torch.device) -> None:
         self.device = device
-        self.params: list[tuple[int, nn.Parameter, int]] = []  # (layer index, param, stride)
-        counts: list[Tensor] = []
+        found: list[tuple[_Piece, nn.Parameter]] = []
         for i, layer in enumerate(layers):
             for p in layer.params:
-                n = _flat(p).numel()  # the local shard's size under FSDP2 (what take() samples)
-                if n == 0:
-                    continue
-                stride = max(1, math.ceil(n / per_tensor))
-                k = math.ceil(n / stride)
-                self.params.append((i, p, stride))
-                counts.append(torch.full((k,), i, dtype=torch.long))
-        self.index = torch.cat(counts).to(device) if counts else torch.zeros(0, dtype=torch.long, device=device)
-        self.entries = int(self.index.numel())
-        # Per parameter: its strided sample as a view kept across steps (weights only), with the
-        # (data_ptr, shape, dtype, device) it was made from; None where no view can be kept.
-        self._views: list[tuple[Tensor, tuple[Any, ...]] | None] | None = None
+                shape = _local(p).shape  # the local shard's under FSDP2 (what is sampled)
+                if math.prod(shape) > 0:
+                    found.append((_plan(i, shape, per_tensor), p))
+        found.sort(key=lambda fp: fp[0].runs == 0)  # stable: the tensors sampled by runs first, in order
+        self.pieces: list[_Piece] = [f for f, _ in found]
+        self.params: list[nn.Parameter] = [p for _, p in found]
+        self._n_runs = sum(1 for f in self.pieces if f.runs)
+        self.run_entries = sum(f.size for f in self.pieces[: self._n_runs])
+        self.entries = sum(f.size for f in self.pieces)
+        # A DTensor holds no storage of its own (a new local view every step): its views are remade every call.
+        self._plain = not any(callable(getattr(p, "to_local", None)) for p in self.params)
+        self._sizes = torch.tensor([f.size for f in self.pieces], dtype=torch.long, device=device)
+        self._piece_layer = torch.tensor([f.layer for f in self.pieces], dtype=torch.long, device=device)
+        self._index: Tensor | None = None
+        self._lengths: dict[int, Tensor] = {}  # segment lengths of k samples end to end
+        self._zeros: dict[tuple[int, int], Tensor] = {}
+        # segment_reduce has CPU and CUDA kernels; on other devices the sums go entry by entry (index_add).
+        self.segmented = device.type in ("cpu", "cuda")
+        self._weights = _Kept()
 
-    def take(self, tensors: Sequence[Tensor | None]) -> Tensor:
-        """The sampled entries of ``tensors`` (one per parameter, in order), as one float32 vector."""
-        parts = []
-        for (_, p, stride), t in zip(self.params, tensors):
+    @property
+    def index(self) -> Tensor:
+        """long[entries]: the layer of each sampled entry (made at the first use)."""
+        if self._index is None:  # made on the host: a repeat_interleave on the device would read its size back
+            layers = torch.tensor([f.layer for f in self.pieces], dtype=torch.long)
+            self._index = torch.repeat_interleave(layers, torch.tensor([f.size for f in self.pieces])).to(self.device)
+        return self._index
+
+    def _views(self, tensors: Sequence[Tensor | None], kept: _Kept) -> _Kept:
+        """``kept``, its views remade unless every tensor's data pointer is the one they were made from.
+
+        A contiguous tensor's sample is a view of its storage, so it follows in-place updates (the
+        optimizer's); a tensor given new storage (``p.data = ...``, ``model.to(...)``) has a new data pointer
+        (the kept view holds the old storage, so no new one can take its address) and its view is remade. The
+        check is one data pointer per tensor on the host. A non-contiguous tensor's sample is a copy, made
+        afresh at every call.
+        """
+        ptrs = [t.data_ptr() if t is not None else 0 for t in tensors] if self._plain else None
+        if ptrs is None or kept.ptrs != ptrs:
+            kept.ptrs = ptrs if self._remake(tensors, kept) else None
+        return kept
+
+    def _remake(self, tensors: Sequence[Tensor | None], kept: _Kept) -> bool:
+        """Make ``kept``'s views of ``tensors``; whether they are views that can be kept."""
+        views: list[Tensor] = []
+        keep = True
+        for f, t in zip(self.pieces, tensors):
             if t is None:
-                k = math.ceil(_flat(p).numel() / stride)
-                parts.append(torch.zeros(k, device=self.device))
-            else:
-                parts.append(_flat(t)[::stride].to(self.device, torch.float32))
-        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+                views.append(torch.zeros((f.runs, f.run) if f.runs else (f.numel,), device=self.device))
+                continue
+            local = _local(t)
+            keep = keep and local.is_contiguous()
+            views.append(f.view(local.reshape(-1)))
+        if any(v.device != self.device for v in views):  # a model on (or split over) other devices: copies
+            views = [v.to(self.device) for v in views]
+            keep = False
+        kept.runs, kept.whole = views[: self._n_runs], views[self._n_runs :]
+        kept.convert = any(v.dtype != torch.float32 for v in views)
+        return keep
+
+    def take(self, tensors: Sequence[Tensor | None], kept: _Kept | None = None) -> Tensor:
+        """The sampled entries of ``tensors`` (one per parameter, as :attr:`params`), as a new float32 vector.
+
+        ``None`` (a parameter without a gradient) samples as zeros. With ``kept``, the views made at the last
+        call are reused while the tensors' storages stay (:meth:`_views`).
+        """
+        if not self.pieces:
+            return torch.zeros(0, device=self.device)
+        kept = self._views(tensors, kept if kept is not None else _Kept())
+        parts = []
+        if kept.runs:
+            parts.append(torch.cat(kept.runs).view(-1))
+        if kept.whole:
+            parts.append(torch.cat(kept.whole))
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out.to(torch.float32) if kept.convert else out
+
+    def weights_into(self, runs: Tensor, whole: Tensor) -> None:
+        """Write the sampled weights into ``runs`` (float32[run_entries / 16, 16]) and ``whole``: one ``cat`` each.
+
+        The two are the parts of one float32[entries] vector, as :meth:`take` lays it out (a ``cat`` converts to
+        their dtype).
+        """
+        kept = self._views(self.params, self._weights)
+        if kept.runs:
+            torch.cat(kept.runs, out=runs)
+        if kept.whole:
+            torch.cat(kept.whole, out=whole)
 
     def weights(self) -> Tensor:
-        """The sampled weights, as :meth:`take` of every parameter, from views kept across steps.
+        """The sampled weights: :meth:`take` of every parameter, with views kept across calls."""
+        return self.take(self.params, self._weights)
 
-        A contiguous (non-sharded) parameter's strided sample is a view of its storage: made once, it
-        follows in-place updates (the optimizer's), so a logging step dispatches one ``cat`` instead of
-        three view ops per parameter. A view is remade when the parameter's storage, shape, dtype or
-        device changes (``p.data = ...``, ``model.to(...)``); a host check of metadata, no device work.
-        """
-        if self._views is None:
-            self._views = [None] * len(self.params)
-        parts = []
-        same = True  # every part already float32 on self.device: one cat, no conversion
-        for j, (_, p, stride) in enumerate(self.params):
-            if callable(getattr(p, "to_local", None)) or not p.is_contiguous():
-                part = _flat(p)[::stride]  # a local shard (a new object each step) or a copy: nothing to keep
-            else:
-                key = (p.data_ptr(), p.shape, p.dtype, p.device)
-                kept = self._views[j]
-                if kept is None or kept[1] != key:
-                    kept = self._views[j] = (p.detach().view(-1)[::stride], key)
-                part = kept[0]
-            same = same and part.dtype == torch.float32 and part.device == self.device
-            parts.append(part)
-        if not parts:
-            return torch.zeros(0, device=self.device)
-        if not same:
-            parts = [t.to(self.device, torch.float32) for t in parts]
-        return torch.cat(parts)
-
-    def per_layer(self, values: Tensor, n_layers: int) -> Tensor:
-        """Sum ``values`` (one per sampled entry) into their layers."""
-        return torch.zeros(n_layers, device=self.device).index_add_(0, self.index, values)
+    def per_layer(self, x: Tensor, n_layers: int, k: int = 1) -> Tensor:
+        """float32[k, n_layers]: the sums per layer of ``x``, ``k`` samples end to end (float32[k * entries])."""
+        zeros = self._zeros.get((k, n_layers))
+        if zeros is None:
+            zeros = self._zeros[(k, n_layers)] = torch.zeros(k, n_layers, device=self.device)
+        if not self.pieces:
+            return zeros.clone()
+        if self.segmented:  # a sum per tensor (one contiguous segment each), then a few of them per layer
+            sizes = self._lengths.get(k)
+            if sizes is None:
+                sizes = self._lengths[k] = self._sizes.repeat(k)
+            # unsafe: the lengths are ours and right; the check would read them back to the host (a sync on a GPU)
+            sums = torch.segment_reduce(x, "sum", lengths=sizes, unsafe=True)
+            return zeros.index_add(1, self._piece_layer, sums.view(k, -1))
+        return zeros.index_add(1, self.index, x.view(k, -1))
 
 
 class UpdateTracker:
     """The update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` per layer, on logging steps.
 
-    :meth:`snapshot` (at a logging step, before ``optimizer.step()``) keeps a strided sample of every
-    parameter tensor, at most :data:`UPDATE_SAMPLE` entries each; :meth:`measure` (at the next step,
-    after the optimizer has stepped) compares and frees the sample. A common healthy heuristic is
-    ~1e-3 per step; 1e-1 means the step replaces a tenth of the weights.
+    :meth:`snapshot` (at a logging step, before ``optimizer.step()``) keeps a sample of every parameter tensor,
+    at most :data:`UPDATE_SAMPLE` entries each (every entry of a smaller tensor; runs of 16 consecutive entries
+    spread over a larger one, see :class:`_Sampler`); :meth:`measure` (at the next step, after the optimizer
+    has stepped) takes the same entries again and compares. The ratio is that of the sums of squares over the
+    sampled entries of each layer's tensors. A common healthy heuristic is ~1e-3 per step; 1e-1 means the step
+    replaces a tenth of the weights.
+
+    Both samples are written into one float32[2, entries] buffer made at the first snapshot and kept: a
+    snapshot is two ``cat`` ops (the runs, the whole tensors) into its second row, a measure two more into
+    its first row and a few ops on the buffer, whatever the number of layers.
 
     Args:
         layers: the watched layers.
@@ -297,22 +455,33 @@ class UpdateTracker:
     def __init__(self, layers: Sequence[Layer], device: torch.device, per_tensor: int = UPDATE_SAMPLE) -> None:
         self.n = len(layers)
         self._sampler = _Sampler(layers, per_tensor, device)
-        self._before: Tensor | None = None
+        # (buffer[2, entries], its flat view, its rows, each row's runs and whole parts), made at the first snapshot.
+        self._buf: tuple[Tensor, Tensor, tuple[Tensor, Tensor], tuple[tuple[Tensor, Tensor], ...]] | None = None
         self._step: int | None = None
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held between a snapshot and its measure (float32 sample + layer index)."""
-        return self._sampler.entries * (4 + 8)
+        """Bytes kept once the first snapshot is taken: two float32 samples (before and after an update), plus
+        the 8-byte layer index of each entry where the per-layer sums go entry by entry (no ``segment_reduce``)."""
+        return self._sampler.entries * (2 * 4 + (0 if self._sampler.segmented else 8))
 
     @property
     def pending(self) -> bool:
         """Whether a snapshot waits for its measure."""
-        return self._before is not None
+        return self._step is not None
+
+    def _buffer(self) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], tuple[tuple[Tensor, Tensor], ...]]:
+        if self._buf is None:
+            e, r = self._sampler.entries, self._sampler.run_entries
+            buf = torch.zeros(2, e, device=self._sampler.device)
+            run = next((f.run for f in self._sampler.pieces if f.runs), 1)
+            parts = tuple((row[:r].view(-1, run), row[r:]) for row in buf.unbind(0))
+            self._buf = (buf, buf.view(-1), (buf[0], buf[1]), parts)
+        return self._buf
 
     def snapshot(self, step: int) -> None:
         """Keep the sample of the weights as they are before ``step``'s optimizer step (device work only)."""
-        self._before = self._sampler.weights()
+        self._sampler.weights_into(*self._buffer()[3][1])
         self._step = step
 
     def measure(self) -> tuple[int, Tensor] | None:
@@ -320,15 +489,15 @@ class UpdateTracker:
 
         The ratio is NaN for layers whose sampled weights were all zero (zero-initialised).
         """
-        if self._before is None or self._step is None:
+        if self._step is None or self._buf is None:
             return None
-        after = self._sampler.weights()
-        before = self._before
-        self._before = None
-        d2 = self._sampler.per_layer((after - before).square(), self.n)
-        w2 = self._sampler.per_layer(before.square(), self.n)
-        ratio = torch.where(w2 > 0, (d2 / w2.clamp_min(1e-30)).sqrt(), torch.full_like(w2, math.nan))
-        return self._step, ratio
+        step, self._step = self._step, None
+        buf, flat, (after, before), parts = self._buf
+        self._sampler.weights_into(*parts[0])
+        after.sub_(before)
+        buf.square_()
+        d2, w2 = self._sampler.per_layer(flat, self.n, 2).unbind(0)
+        return step, d2.div_(w2).sqrt_().masked_fill_(w2 == 0, math.nan)
 
 
 class InputScale:
@@ -528,8 +697,8 @@ class GradCarry:
     A loop that zeroes with ``set_to_none=True`` (the default of ``zero_grad`` since torch 2.0) hands
     the optimizer new gradient tensors every step: nothing can be carried over, and :meth:`observe`
     answers ``None`` after one identity check per parameter on the host. Where some layers' tensors
-    persist (``set_to_none=False``, or no ``zero_grad`` for that optimizer) it returns a strided sample
-    of the gradients (:data:`CARRY_SAMPLE` entries per tensor) for
+    persist (``set_to_none=False``, or no ``zero_grad`` for that optimizer) it returns a sample
+    of the gradients (:data:`CARRY_SAMPLE` entries per tensor, drawn as :class:`_Sampler` draws) for
     :class:`~gradwatch.detectors.accumulating.Accumulating`.
 
     Args:
@@ -541,35 +710,40 @@ class GradCarry:
     def __init__(self, layers: Sequence[Layer], device: torch.device, per_tensor: int = CARRY_SAMPLE) -> None:
         self.n = len(layers)
         self._sampler = _Sampler(layers, per_tensor, device)
-        self._refs: list[weakref.ref[Tensor] | None] = []
+        # Weak references to last step's gradients. Python hands back the same reference object for the same
+        # live object, so "the same tensor" is "the same reference"; a dead one never equals a new one.
+        self._refs: list[weakref.ref[Tensor] | None] | None = None
+        self._kept = _Kept()  # carried gradients keep their storage: their sample views are kept too
         self._masks: dict[tuple[bool, ...], Tensor] = {}
 
     def observe(self) -> GradSample | None:
         """The sample when some layer's gradients are last step's tensors, else ``None``."""
-        params = self._sampler.params
-        grads = [p.grad for _, p, _ in params]
-        refs = self._refs
-        carried = [False] * self.n
-        if len(refs) == len(grads):
-            fresh = [False] * self.n
-            for (i, _, _), r, g in zip(params, refs, grads):
-                if g is None:
-                    continue
-                if r is not None and r() is g:
-                    carried[i] = True
-                else:
-                    fresh[i] = True
-            carried = [c and not f for c, f in zip(carried, fresh)]
-        self._refs = [weakref.ref(g) if g is not None else None for g in grads]
-        if not any(carried):
+        grads = list(map(_GRAD, self._sampler.params))
+        try:
+            refs: list[weakref.ref[Tensor] | None] = list(map(weakref.ref, grads))
+        except TypeError:  # some parameter has no gradient
+            refs = [weakref.ref(g) if g is not None else None for g in grads]
+        last, self._refs = self._refs, refs
+        if last is None or not any(map(operator.is_, refs, last)):  # the usual case: every tensor is new
             return None
-        key = tuple(carried)
+        carried = [False] * self.n
+        fresh = [False] * self.n
+        for f, r, was in zip(self._sampler.pieces, refs, last):
+            if r is None:
+                continue
+            if r is was:
+                carried[f.layer] = True
+            else:
+                fresh[f.layer] = True
+        key = tuple(c and not f for c, f in zip(carried, fresh))
+        if not any(key):
+            return None
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) >= 16:
                 self._masks.clear()
             mask = self._masks[key] = torch.tensor(key, dtype=torch.bool, device=self._sampler.device)
-        return GradSample(self._sampler.take(grads), self._sampler.index, mask)
+        return GradSample(self._sampler.take(grads, self._kept), self._sampler.index, mask)
 
 
 class ReachProbe:

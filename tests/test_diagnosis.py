@@ -88,13 +88,13 @@ def test_update_ratio_matches_a_float64_reference():
     assert step == 0
     assert ratio.tolist() == pytest.approx(expected, rel=1e-5)
     assert tracker.measure() is None  # one measure per snapshot
-    assert tracker.memory_bytes == (8 * 16 + 16 + 16 * 2 + 2) * 12
+    assert tracker.memory_bytes == (8 * 16 + 16 + 16 * 2 + 2) * 8  # two float32 samples
 
 
 def test_update_ratio_samples_at_most_1024_entries_per_tensor():
     model = nn.Linear(300, 100)  # 30000 weights: a strided sample
     tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
-    assert tracker.memory_bytes == (1000 + 100) * 12  # ceil(30000 / 30) = 1000 weight entries, every bias entry
+    assert tracker.memory_bytes == (1024 + 100) * 8  # 64 runs of 16 weights, every bias entry; before and after
 
 
 def test_input_scale_is_measured_on_logging_steps_only():

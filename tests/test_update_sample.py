@@ -1,14 +1,16 @@
-"""The update-ratio weight sample kept as views across steps: the same entries, one op per logging step."""
+"""The update-ratio and carried-gradient samples: runs of whole cache lines, kept as views, against float64."""
 
 from __future__ import annotations
 
 import collections
+import math
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradwatch.evidence import UpdateTracker, _Sampler
+from gradwatch.evidence import GradCarry, UpdateTracker, _plan, _Sampler
 from gradwatch.layers import discover_layers
 
 
@@ -22,43 +24,227 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _reference(sampler: _Sampler) -> torch.Tensor:
-    """The sample made afresh from every parameter (what ``weights()`` must equal)."""
-    return sampler.take([p for _, p, _ in sampler.params])
+def _stride(shape: tuple[int, ...], per_tensor: int = 1024, run: int = 16) -> int:
+    """The documented rule, with the column condition checked by enumeration: the widest stride (a multiple of
+    ``run`` where that is at least 16 runs) whose runs' start columns in a row are at most ``run`` apart."""
+    n = math.prod(shape)
+    widest = (n - run) // (per_tensor // run - 1)
+    step = run if widest >= 16 * run else 1
+    row = n // shape[0] if len(shape) >= 2 else n
+    for s in range(widest // step * step, 0, -step):
+        starts = sorted({s * j % row for j in range(row)})
+        gaps = [b - a for a, b in zip(starts, [*starts[1:], starts[0] + row])]
+        if row == n or max(gaps) <= run:
+            return s
+    raise AssertionError(shape)
+
+
+def _entries(shape: tuple[int, ...], per_tensor: int = 1024) -> list[int]:
+    """The flat indices a tensor of ``shape`` is sampled at: every entry, or runs of 16 at :func:`_stride`."""
+    n = math.prod(shape)
+    if n <= per_tensor:
+        return list(range(n))
+    s = _stride(shape, per_tensor)
+    return [j * s + i for j in range(per_tensor // 16) for i in range(16)]
+
+
+def _reference(tensors: list[torch.Tensor | None], params: list[nn.Parameter], per_tensor: int = 1024) -> torch.Tensor:
+    """float64: the tensors sampled by runs first, then those sampled whole, each in order (zeros for None)."""
+    runs, whole = [], []
+    for t, p in zip(tensors, params):
+        idx = _entries(tuple(p.shape), per_tensor)
+        v = torch.zeros(len(idx), dtype=torch.float64) if t is None else t.detach().reshape(-1).double()[idx]
+        (runs if p.numel() > per_tensor else whole).append(v)
+    return torch.cat(runs + whole)
+
+
+def _params(model: nn.Module, per_tensor: int = 1024) -> list[nn.Parameter]:
+    """Parameters in the samples' order: the ones sampled by runs first."""
+    ps = list(model.parameters())
+    return [p for p in ps if p.numel() > per_tensor] + [p for p in ps if p.numel() <= per_tensor]
+
+
+def test_runs_are_spread_over_the_tensor_and_start_in_every_part_of_a_row():
+    assert _plan(0, (512, 512), 1024).stride == 4144 == _stride((512, 512))  # 259 lines: odd, so every block
+    assert _plan(0, (100, 300), 1024).stride == 464 == _stride((100, 300))
+    assert _plan(0, (64, 64, 3, 3), 1024).stride == 560 == _stride((64, 64, 3, 3))  # 35 lines: prime to 36
+    assert _plan(0, (10, 512), 1024).stride == 81 == _stride((10, 512))  # < 16 runs: the full spread
+    assert _plan(0, (4096,), 1024).stride == 64 == _stride((4096,))
+    assert _plan(0, (2000, 7), 1024).stride == 221 == _stride((2000, 7))
+    assert _plan(3, (512,), 1024) == _plan(3, (16, 32), 1024)  # at most 1024 entries: every one
+    piece = _plan(0, (512, 512), 1024)
+    assert (piece.runs, piece.run, piece.size) == (64, 16, 1024)
+    starts = [j * piece.stride for j in range(piece.runs)]
+    assert starts[-1] + 16 <= 512 * 512 and 512 * 512 - starts[-1] < 512 * 512 / 16  # the span, bar < 1/16
+    blocks = collections.Counter(s % 512 // 16 for s in starts)
+    assert sorted(blocks) == list(range(32)) and set(blocks.values()) == {2}  # every column block, twice
+    assert len({s // 512 for s in starts}) == 64  # 64 rows, 8 apart
+    assert piece.stride % 16 == 0  # runs of whole 64-byte lines
+    small = _plan(0, (8, 1000), 256)
+    assert (small.runs, small.run, small.stride) == (16, 16, 528) and _stride((8, 1000), 256) == 528
+    tiny = _plan(0, (40,), 8)  # fewer entries than a run: one run of them
+    assert (tiny.runs, tiny.run, tiny.stride, tiny.size) == (1, 8, 8, 8)
 
 
 def test_kept_views_follow_updates_and_are_remade_when_the_storage_changes():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(300, 100), nn.Linear(100, 7))  # a strided weight sample, exact biases
+    model = nn.Sequential(nn.Linear(300, 100), nn.Linear(100, 7), nn.Linear(7, 2000))  # runs, whole, runs
     model[1].weight.data = model[1].weight.data.t().contiguous().t()  # non-contiguous: sampled afresh
     sampler = _Sampler(discover_layers(model, "module"), 1024, torch.device("cpu"))
+    params = _params(model)
+    assert sampler.params == params
     first = sampler.weights()
-    assert first.numel() == 1000 + 100 + 700 + 7
-    assert torch.equal(first, _reference(sampler))
+    assert first.numel() == sampler.entries == 3 * 1024 + 100 + 700 + 7
+    assert sampler.index.tolist() == [0] * 1024 + [2] * 2048 + [0] * 100 + [1] * 707
+    assert torch.equal(first.double(), _reference(params, params))
     with torch.no_grad():
         model[0].weight.mul_(3.0)  # in place (the optimizer's way): the kept view sees it
-    assert torch.equal(sampler.weights(), _reference(sampler))
+    assert torch.equal(sampler.weights().double(), _reference(params, params))
     assert not torch.equal(sampler.weights(), first)
     model[0].weight.data = torch.randn(100, 300)  # new storage: the view is remade
-    assert torch.equal(sampler.weights(), _reference(sampler))
+    assert torch.equal(sampler.weights().double(), _reference(params, params))
     model.double()  # new dtype: remade, still float32 out
     got = sampler.weights()
-    assert got.dtype == torch.float32 and torch.equal(got, _reference(sampler))
+    assert got.dtype == torch.float32 and torch.equal(got, _reference(params, params).float())
     model.half()
-    assert torch.equal(sampler.weights(), _reference(sampler))
+    assert torch.equal(sampler.weights().double(), _reference(params, params))
 
 
-def test_a_snapshot_is_one_copy_whatever_the_depth():
+@pytest.mark.parametrize("segmented", [True, False], ids=["segment_reduce", "index_add"])
+def test_update_ratio_matches_a_float64_reference_of_the_sampled_entries(segmented):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(300, 100),
+        nn.Tanh(),
+        nn.Linear(100, 48),
+        nn.Unflatten(1, (16, 3)),
+        nn.Conv1d(16, 512, 3),
+        nn.Flatten(),
+        nn.LayerNorm(512),
+    )
+    tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+    tracker._sampler.segmented = segmented
+    params = _params(model)
+    layer = {id(p): i for i, m in enumerate((model[0], model[2], model[4], model[6])) for p in m.parameters()}
+    before = [p.detach().double().clone() for p in params]
+    tracker.snapshot(step=7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    model(torch.randn(32, 300)).square().mean().backward()
+    opt.step()
+    step, ratio = tracker.measure()
+    a, b = _reference(params, params), _reference(before, params)
+    owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
+    expected = [
+        math.sqrt(float((a - b)[owner == i].square().sum()) / float(b[owner == i].square().sum())) for i in range(4)
+    ]
+    assert step == 7 and ratio.dtype == torch.float32
+    assert ratio.tolist() == pytest.approx(expected, rel=1e-5)
+    assert tracker.measure() is None  # one measure per snapshot
+    assert tracker.memory_bytes == (3 * 1024 + 100 + 48 + 512 + 512 + 512) * (8 if segmented else 16)
+
+
+def test_a_half_precision_model_is_sampled_into_float32_and_moved_weights_are_followed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 100), nn.Linear(100, 4)).half()
+    tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+    params = _params(model)
+    before = _reference(params, params)
+    tracker.snapshot(step=3)
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(100, 300).half())
+    model[1].weight.data = model[1].weight.data * 2  # new storage between the snapshot and the measure
+    step, ratio = tracker.measure()
+    after = _reference(params, params)
+    first = {id(p) for p in model[0].parameters()}
+    owner = torch.tensor([0 if id(p) in first else 1 for p in params for _ in _entries(tuple(p.shape))])
+    expected = [
+        math.sqrt(float((after - before)[owner == i].square().sum()) / float(before[owner == i].square().sum()))
+        for i in (0, 1)
+    ]
+    assert step == 3 and ratio.tolist() == pytest.approx(expected, rel=1e-5)
+    assert tracker.measure() is None
+    assert UpdateTracker([], torch.device("cpu")).measure() is None
+    empty = UpdateTracker([], torch.device("cpu"))
+    empty.snapshot(step=0)
+    step, ratio = empty.measure()
+    assert step == 0 and ratio.shape == (0,)
+
+
+def test_a_zero_initialised_layer_has_no_ratio():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))  # every entry sampled
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+    tracker.snapshot(step=0)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+        model[1].weight.add_(0.1)
+    _, ratio = tracker.measure()
+    w = model[0].weight.detach().double() / 1.5
+    b = model[0].bias.detach().double()
+    expected = math.sqrt(float((0.5 * w).square().sum()) / float(w.square().sum() + b.square().sum()))
+    assert ratio[0].item() == pytest.approx(expected, rel=1e-5)
+    assert math.isnan(ratio[1].item())
+
+
+def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
+    seen = []
     for depth in (2, 48):
         model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(depth)])
         tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
         tracker.snapshot(step=0)  # makes the views
         tracker.measure()
-        with _Ops() as counted:
+        with _Ops() as snap:
             tracker.snapshot(step=10)
-        assert dict(counted.ops) == {"cat": 1}, depth
-        before = tracker._before
-        assert before is not None
+        assert dict(snap.ops) == {"cat": 2}, depth  # the runs, the whole tensors: into the kept buffer
+        assert tracker._buf is not None and tracker.pending
+        before = tracker._buf[2][1].clone()
         with torch.no_grad():
             model[0].weight.add_(1.0)
-        assert not torch.equal(before, _reference(tracker._sampler))  # the snapshot is a copy, not a view
+        assert not torch.equal(before.double(), _reference(_params(model), _params(model)))  # a copy, not a view
+        assert torch.equal(tracker._buf[2][1], before)
+        with _Ops() as meas:
+            tracker.measure()
+        seen.append(dict(meas.ops))
+    assert (
+        seen[0]
+        == seen[1]
+        == {
+            "cat": 2,
+            "sub_": 1,
+            "pow_": 1,
+            "segment_reduce": 1,
+            "view": 1,
+            "index_add": 1,
+            "unbind": 1,
+            "div_": 1,
+            "sqrt_": 1,
+            "eq": 1,
+            "masked_fill_": 1,
+        }
+    )
+
+
+def test_carried_gradients_are_sampled_by_runs_from_kept_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8), nn.Linear(8, 8))  # 4096 weights: runs
+    carry = GradCarry(discover_layers(model, "module"), torch.device("cpu"))
+    params = _params(model, 256)
+    x = torch.randn(5, 64)
+    model[:2](x).sum().backward()  # the last layer has no gradient
+    assert carry.observe() is None  # first look: nothing to compare
+    model[:2](x).sum().backward()  # accumulated into the same tensors
+    sample = carry.observe()
+    assert sample is not None and sample.carried.tolist() == [True, True, False]
+    grads = [p.grad for p in params]
+    assert grads[-1] is None and grads[-2] is None
+    assert torch.equal(sample.values.double(), _reference(grads, params, 256))
+    assert sample.layer.tolist() == [0] * 256 + [1] * 256 + [0] * 64 + [1] * 8 + [2] * 72
+    model[:2](x).sum().backward()
+    again = carry.observe()  # the kept views follow the accumulation
+    assert again is not None and torch.equal(again.values.double(), _reference([p.grad for p in params], params, 256))
+    assert carry._kept.ptrs == [0 if g is None else g.data_ptr() for g in grads]  # the views were kept
+    assert not torch.equal(again.values, sample.values)
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert carry.observe() is None  # new tensors: nothing carried
