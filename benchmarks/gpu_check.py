@@ -13,9 +13,10 @@ pre-LN transformer and a ResNet-50-sized CNN trained in bf16 autocast with AdamW
 3. **Step time over the bare loop**, timed with CUDA events, bare and contender chunks alternating on
    one model (median ratio and quartiles over the chunks).
 
-Contenders: the floor (one ``torch._foreach_norm`` pass per step), gradwatch (default with AdamW and
-with AdamW ``fused=True``, ``on_nonfinite="warn"``, ``log_every=1``), Lightning's ``grad_norm``, the
-naive ``p.grad.norm().item()`` loop and, with ``--wandb``, ``wandb.watch``.
+Contenders: the floor (one ``torch._foreach_norm`` pass and a finiteness check per step),
+gradwatch (default with AdamW and with AdamW ``fused=True``, ``on_nonfinite="warn"``,
+``log_every=1``), Lightning's ``grad_norm``, the naive ``p.grad.norm().item()`` loop and, with
+``--wandb``, ``wandb.watch``.
 
 ``--device cpu`` runs every part end to end on the CPU, so nothing here is untested without a GPU:
 ATen ops stand for kernel launches (each would be one), Python-level host reads (``.item()``,
@@ -55,7 +56,7 @@ import gradwatch as gw  # noqa: E402
 LOG_EVERY = 10
 CONTENDERS = ("floor", "default", "default_fused", "warn", "every1", "lightning", "naive", "wandb")
 LABELS = {
-    "floor": "floor: one _foreach_norm pass",
+    "floor": "floor: one _foreach_norm pass + finiteness check",
     "default": "gradwatch default (skip), AdamW",
     "default_fused": "gradwatch default (skip), AdamW fused=True",
     "warn": 'gradwatch on_nonfinite="warn"',
@@ -197,7 +198,10 @@ class Contender:
             self.monitor = monitor
             self._after = lambda loss, opt: monitor.step(loss=loss, optimizer=opt)
         elif n == "floor":
-            self._after = lambda loss, opt: torch._foreach_norm([p.grad for p in params if p.grad is not None])
+            # One _foreach_norm read of every gradient and a finiteness check, left on the device (no sync).
+            self._after = lambda loss, opt: torch.isfinite(
+                torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).sum()
+            )
         elif n == "naive":
             self._after = lambda loss, opt: [p.grad.norm().item() for p in params if p.grad is not None]
         elif n == "lightning":

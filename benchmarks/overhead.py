@@ -37,8 +37,8 @@ the peak resident set size (``VmHWM``) of a fresh child process per (model, vari
 imports, builds and runs only that variant.
 
 It also times the statistics alone (``StatsCollector.gather`` + ``compute`` of a non-logging
-step) against one ``torch._foreach_norm`` pass over the same gradients, the floor: every
-gradient byte read once.
+step) against the floor: one ``torch._foreach_norm`` pass over the same gradients (every
+gradient byte read once) and a finiteness check of their sum, left on the device.
 
 Usage::
 
@@ -81,7 +81,7 @@ VARIANTS = ("bare", "floor", "default", "every1", "acts", "agc", "wandb", "light
 MODELS = ("mlp", "transformer", "cnn")
 LABELS = {
     "bare": "bare loop",
-    "floor": "floor: one _foreach_norm pass per step",
+    "floor": "floor: one _foreach_norm pass + finiteness check per step",
     "default": "gradwatch default (log_every=10)",
     "every1": "gradwatch log_every=1",
     "acts": "gradwatch track_activations=True",
@@ -244,7 +244,7 @@ class Variant:
             self._after = lambda: grad_norm(model, 2)
         elif n == "floor":
             params = [p for p in model.parameters() if p.requires_grad]
-            self._after = lambda: torch._foreach_norm([p.grad for p in params if p.grad is not None])
+            self._after = lambda: floor_check([p.grad for p in params if p.grad is not None])
         elif n == "naive":
             params = [p for p in model.parameters() if p.requires_grad]
             self._after = lambda: [p.grad.norm().item() for p in params if p.grad is not None]
@@ -285,6 +285,11 @@ def _finish_wandb() -> None:
     if _WANDB is not None:
         _WANDB.finish()
         _WANDB = None
+
+
+def floor_check(grads: list[Tensor]) -> Tensor:
+    """The floor: one ``_foreach_norm`` read of every gradient and a finiteness check (on the device, not read)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
 
 
 # --------------------------------------------------------------------------------------- timing
@@ -494,7 +499,7 @@ def ops_per_step(wl: Workload, variant: Variant, log_every: int = 10) -> tuple[i
 
 # --------------------------------------------------------------------------- statistics vs floor
 def stats_vs_floor(wl: Workload, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Median microseconds of the statistics alone and of the ``_foreach_norm`` floor (interleaved)."""
+    """Median microseconds of the statistics alone and of the floor (:func:`floor_check`), interleaved."""
     opt = wl.reset()
     wl.loss_fn(wl.model(wl.inputs), wl.targets).backward()
     probe = gw.GradWatch(wl.model, sinks=[], detectors=None, on_nonfinite="warn")
@@ -505,7 +510,7 @@ def stats_vs_floor(wl: Workload, args: argparse.Namespace, device: torch.device)
     del opt
 
     def floor() -> None:
-        torch._foreach_norm(grads)
+        floor_check(grads)
 
     def stats() -> None:
         collector.compute(collector.gather(), 1, full=False)

@@ -382,7 +382,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path: Path, capsys: pytest.Capture
         assert [c[k]["syncs_non_logging"] for k in ("floor", "default", "default_fused", "warn")] == [0, 1, 0, 0]
         n_params = sum(1 for _ in mod.build(name, True, torch.device("cpu")).model.parameters())
         assert c["naive"]["syncs_non_logging"] == n_params  # one .item() per gradient
-        assert c["floor"]["launches_non_logging"] == 1  # one _foreach_norm
+        # _foreach_norm, stack, sum, and isfinite (abs, ne, eq, mul on CPU), whatever the depth.
+        assert c["floor"]["launches_non_logging"] == 7
         assert 0 < c["warn"]["launches_non_logging"] <= 40  # tests/test_ops_per_step.py's bound
         for e in c.values():
             assert e["ratio_q25"] <= e["ratio"] <= e["ratio_q75"] and e["step_ms"] > 0

@@ -114,7 +114,11 @@ class JSONL:
             return
         if self._fh is None:
             self._fh = self._open()
-        self._fh.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+        try:  # the common case: every float finite, written as it is (no walk over the record)
+            line = json.dumps(record, allow_nan=False)
+        except ValueError:
+            line = json.dumps(_clean(record), allow_nan=False)
+        self._fh.write(line + "\n")
         self._fh.flush()
 
     def log_meta(self, meta: dict[str, Any]) -> None:
