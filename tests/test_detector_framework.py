@@ -300,6 +300,49 @@ def test_exploding_growth_folded_per_window_matches_stepwise_reference(reads: ra
     assert [v for _, v in firsts] == [pytest.approx(v, rel=1e-4) for _, v in expected]
 
 
+def test_exploding_checkpoint_mid_window_resumes_the_same_findings() -> None:
+    """The model-wide checks run on the host: a checkpoint taken between reads (figures not read back yet)
+    keeps every check side by side, and a detector restored from it (before or after bind) goes on exactly."""
+    norms = [1.0, 1.2, 0.9, 1.1, 5.0, 60.0, 900.0, 2e4, 3e5, 4e6, float("inf"), 1.0, 1.0]
+
+    def run(restore_at: int | None, before_bind: bool) -> tuple[list[tuple[str, int, float]], dict]:
+        d = Exploding(growth=100.0, growth_warmup=3, persist=2)
+        d.bind(ctx_for(2))
+        found = []
+        for t, n in enumerate(norms):
+            if t == restore_at:
+                sd = d.state_dict()
+                d = Exploding(growth=100.0, growth_warmup=3, persist=2)
+                if before_bind:
+                    d.load_state_dict(sd)
+                    d.bind(ctx_for(2))
+                else:
+                    d.bind(ctx_for(2))
+                    d.load_state_dict(sd)
+            d.update(evidence(t, stats_of([n, n], param_norm=[1e6, 1e6])))
+            if t % 4 == 3 or t == len(norms) - 1:
+                found += [(f.source, f.step, f.value) for f in d.collect(read(d), t)]
+        return found, d.state_dict()
+
+    found, final = run(None, False)
+    level = 1.08 ** (1 / 3)  # geometric mean of the first 3 norms (1.0, 1.2, 0.9); every norm is sqrt(2) n
+    # Growth 100x held on steps 6 and 7 (persist 2), again on step 8 after the read; the Inf on step 10 follows
+    # 13.3x growth (the rate into step 9), so the explosion, not only nonfinite, is reported there.
+    assert found == [
+        ("growth", 7, pytest.approx(2e4 / level, rel=1e-5)),
+        ("growth", 8, pytest.approx(3e5 / level, rel=1e-5)),
+        ("overflow", 10, pytest.approx(4e6 / 3e5, rel=1e-5)),
+    ]
+    # Every check side by side in the checkpoint: depth, ratio (2 layers), total, growth, overflow.
+    assert {k: v.shape for k, v in final["checks"].items()} == {k: (2 + 4,) for k in final["checks"]}
+    assert final["growth_ref"]["count"].item() == 3.0
+    for at in (6, 10):  # mid-window (figures not read back yet), and right after the Inf
+        for before_bind in (False, True):
+            again, state = run(at, before_bind)
+            assert again == [(src, step, pytest.approx(v, rel=1e-6)) for src, step, v in found]  # float32 checkpoint
+            torch.testing.assert_close(state, final, equal_nan=True)
+
+
 def test_persistence_window_fold_equals_stepwise_updates() -> None:
     rng = random.Random(4)
     T, n = 23, 6

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from abc import abstractmethod
 from typing import Any, NamedTuple
@@ -20,11 +19,12 @@ from gradwatch.detectors.base import (
     Series,
     StepEvidence,
     Window,
+    constant,
     stacked,
     window_steps,
 )
 
-__all__ = ["GradWindow", "UpdateLossSeries", "WindowedChecks", "constant", "fmt", "grad_window", "side_by_side"]
+__all__ = ["GradWindow", "UpdateLossSeries", "WindowedChecks", "fmt", "grad_window", "side_by_side"]
 
 
 class GradWindow(NamedTuple):
@@ -58,15 +58,8 @@ def grad_window(rows: list[StepEvidence]) -> GradWindow:
     return rows[-1].derived(("window", "grads", id(rows[0]), len(rows)), make)
 
 
-@functools.cache
-def constant(value: float, device: torch.device) -> Tensor:
-    """A 0-d float32 ``value`` on ``device``, made once: ``torch.where(c, x, constant(...))`` then dispatches
-    no op to wrap a Python number in a tensor."""
-    return torch.full((), value, dtype=torch.float32, device=device)
-
-
 def side_by_side(parts: list[Tensor]) -> Tensor:
-    """The sources' ``[T]`` (model-wide) and ``[T, width]`` (per layer) tensors as one ``[T, n]``, in order."""
+    """The sources' ``[T]`` or ``[T, 1]`` (model-wide) and ``[T, width]`` (per layer) tensors as one ``[T, n]``."""
     cols = [p.unsqueeze(-1) if p.dim() == 1 else p for p in parts]
     return cols[0] if len(cols) == 1 else torch.cat(cols, -1)
 
@@ -98,6 +91,8 @@ class WindowedChecks(Detector):
             self.slices[name] = slice(start, start + width)
             start += width
         self.checks = Persistence(self.state, "checks", start, self.persist)
+        for value in (math.nan, 0.0, -1.0):  # the constants the folds use, made now rather than at a step
+            constant(value, ctx.device)
         self.window = Window()
         self._param_norm = None
         self._unknown = torch.full((n,), float("nan"), device=ctx.device)  # weight norms before any are known

@@ -16,6 +16,7 @@ only its ``bind``, ``update`` and ``collect``.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +47,7 @@ __all__ = [
     "Series",
     "StepEvidence",
     "Window",
+    "constant",
     "stacked",
     "window_steps",
 ]
@@ -148,6 +150,13 @@ class StepEvidence:
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
+
+
+@functools.cache
+def constant(value: float, device: torch.device) -> Tensor:
+    """A 0-d float32 ``value`` on ``device``, made once: ``torch.where(c, x, constant(...))`` then dispatches
+    no op to wrap a Python number in a tensor. Ask for it first at bind, so that no step makes it."""
+    return torch.full((), value, dtype=torch.float32, device=device)
 
 
 def _flat32(t: Tensor) -> Tensor:
@@ -478,10 +487,10 @@ class Persistence:
             immediate: bool[T, n] or ``None``.
         """
         if cond.shape[0] == 1:  # one step (log_every=1): the step-by-step form is 4x fewer ops
-            self.update(cond[0], value[0], steps[0], None if immediate is None else immediate[0])
+            self.update(cond[0], value[0], steps, None if immediate is None else immediate[0])  # [1] broadcasts
             return
         t = torch.arange(cond.shape[0], device=cond.device, dtype=torch.float32).unsqueeze(1)
-        last_false = torch.where(cond, -1.0, t).cummax(0).values  # -1: held on every row so far
+        last_false = torch.where(cond, constant(-1.0, cond.device), t).cummax(0).values  # -1: held on every row so far
         streak = t - last_false + (last_false < 0) * self.streak
         fire = streak >= self.persist
         if immediate is not None:

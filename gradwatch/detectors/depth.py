@@ -19,8 +19,17 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import GradWindow, WindowedChecks, constant, fmt, grad_window
-from gradwatch.detectors.base import TINY, DetectorContext, Finding, Fired, StepEvidence, _flatten, stacked
+from gradwatch.detectors._common import GradWindow, WindowedChecks, fmt, grad_window
+from gradwatch.detectors.base import (
+    TINY,
+    DetectorContext,
+    Finding,
+    Fired,
+    StepEvidence,
+    _flatten,
+    constant,
+    stacked,
+)
 from gradwatch.detectors.no_gradient import blocked_zero
 
 __all__ = ["Exploding", "Vanishing"]
@@ -89,9 +98,9 @@ class DepthProfile:
         log_rms = (win.norm / self._sqrt_numel).clamp_min(TINY).log()
         pick = win.usable.unsqueeze(-2) & self.groups  # [T, 2, L]: the usable layers of each group
         count = pick.sum(-1)
-        dev = log_rms.device
-        mean = torch.where(pick, log_rms.unsqueeze(-2), constant(0.0, dev)).sum(-1) / count.clamp_min(1)
-        return torch.where(count.amin(-1) > 0, (mean * self._sign).sum(-1), constant(math.nan, dev))
+        # 0 / 0 = NaN: a group without usable layers makes the step's ratio NaN.
+        mean = torch.where(pick, log_rms.unsqueeze(-2), constant(0.0, log_rms.device)).sum(-1) / count
+        return (mean * self._sign).sum(-1)
 
 
 class Vanishing(WindowedChecks):
@@ -142,8 +151,8 @@ class Vanishing(WindowedChecks):
         # Per-layer thresholds with the weight-layer mask folded in (a NaN or -inf bound never holds).
         self._zero_at = torch.where(weight, 0.0, math.nan)  # grad_sq == _zero_at: an exact zero at a weight layer
         self._low_at = torch.where(weight, self.min_ratio, -math.inf)  # ratio < _low_at
-        self._never = torch.zeros(1, dtype=torch.bool, device=ctx.device)  # a model-wide check that cannot hold
-        self._nil = torch.zeros(1, device=ctx.device)
+        self._never = torch.zeros(1, 1, dtype=torch.bool, device=ctx.device)  # a model-wide check that cannot hold
+        self._nil = torch.zeros(1, 1, device=ctx.device)
         relu = [k == "relu" and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
         self._relu = torch.tensor(relu, dtype=torch.bool, device=ctx.device) if any(relu) else None
         self._explained = False  # a dying-ReLU finding was made: later depth/ratio findings are its symptom
@@ -152,12 +161,12 @@ class Vanishing(WindowedChecks):
     def _dying(self, rows: list[StepEvidence], depth: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
         """Per step ``[T]``: the vanishing is the ReLUs' being off (see the class docstring), and the product."""
         if self._relu is None or any(ev.activations is None or ev.activations.active is None for ev in rows):
-            return self._never.expand(len(rows)), self._nil.expand(len(rows))
+            return self._never.expand(len(rows), 1), self._nil.expand(len(rows), 1)  # [T, 1]: no view to widen
         active = stacked(rows, "act_active", lambda ev: ev.activations.active)  # type: ignore[union-attr]
         seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
         use = self._relu & seen
         log_gain = 0.5 * torch.where(use, (2 * active).clamp_min(TINY).log(), 0.0).sum(-1)
-        symptom = depth | low.any(-1)
+        symptom = depth.reshape(len(rows)) | low.any(-1)  # depth is [T, 1] without a depth profile
         return symptom & (log_gain <= 0.5 * math.log(self.depth_ratio)), log_gain.exp()
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -167,7 +176,7 @@ class Vanishing(WindowedChecks):
             depth = self._profile.log_ratio(rows, win) < math.log(self.depth_ratio)  # NaN (no usable layer): False
             depth_value = self._profile.ratio(rows, win)
         else:
-            depth, depth_value = self._never.expand(len(rows)), self._nil.expand(len(rows))
+            depth, depth_value = self._never.expand(len(rows), 1), self._nil.expand(len(rows), 1)
         zero = (win.grad_sq == self._zero_at) & win.present
         if any(ev.unreached is not None for ev in rows):
             # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
