@@ -86,12 +86,20 @@ class Readout:
         if not self._entries:
             return Values({})
         names = list(self._entries)
-        dev = self.device if self.device is not None else self._entries[names[0]].device
-        flat = [t.detach().reshape(-1).to(dev, torch.float32) for t in self._entries.values()]
-        host = torch.cat(flat).cpu().tolist()
+        tensors = list(self._entries.values())
+        dev = self.device if self.device is not None else tensors[0].device
+        with torch.no_grad():
+            if all(t.device == dev for t in tensors):
+                # One cat (it promotes bool/int entries to the widest float) and one conversion.
+                flat = [t.reshape(-1) for t in tensors]
+                host = torch.cat(flat).to(torch.float32).cpu().tolist()
+            else:
+                flat = [t.reshape(-1).to(dev, torch.float32) for t in tensors]
+                host = torch.cat(flat).cpu().tolist()
         out: dict[str, list[float]] = {}
         i = 0
         for name, t in zip(names, flat):
-            out[name] = host[i : i + t.numel()]
-            i += t.numel()
+            n = t.numel()
+            out[name] = host[i : i + n]
+            i += n
         return Values(out)

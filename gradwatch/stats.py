@@ -14,6 +14,7 @@ all-reduce of one stacked tensor per statistic (see :mod:`gradwatch.distributed`
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ from gradwatch.distributed import ReduceKey, all_reduce_, is_dtensor, local, red
 from gradwatch.layers import Layer
 
 _HALF = (torch.float16, torch.bfloat16)
+_GRAD = operator.attrgetter("grad")
+# One (device, dtype, process groups) group of a gather pattern: positions in the flat parameter list
+# (None: every parameter, in order), layer index per tensor, reduce key, DTensor, layer ids, parameters.
+_Plan = tuple[list[int] | None, Tensor, ReduceKey, bool, list[int], list[Tensor]]
 # Distinct sets of present gradients whose index tensors are cached.
 _MAX_PATTERNS = 64
 
@@ -149,6 +154,8 @@ class StatsCollector:
             (i, p) for i, layer in enumerate(layers) for p in layer.params
         ]
         self._cache: dict[tuple[bool, ...], tuple[list[tuple[list[int], Tensor]], Tensor, tuple[bool, ...]]] = {}
+        self._params = [p for _, p in self._flat]
+        self._all_present = (True,) * len(self._flat)
 
     @property
     def num_layers(self) -> int:
@@ -157,8 +164,9 @@ class StatsCollector:
 
     def gather(self) -> Gathered:
         """Collect the gradients present now (a host-side walk; no device work)."""
-        grads_all = [p.grad for _, p in self._flat]
-        key = tuple(g is not None for g in grads_all)
+        grads_all = list(map(_GRAD, self._params))
+        # Every gradient present (the common case): one C-level scan instead of a tuple of flags.
+        key = self._all_present if None not in grads_all else tuple(g is not None for g in grads_all)
         cached = self._cache.get(key)
         if cached is None:
             if len(self._cache) >= _MAX_PATTERNS:  # e.g. mixture-of-experts routing: keep memory bounded
@@ -171,7 +179,7 @@ class StatsCollector:
         layer_ids = []
         for positions, layer_idx, rkey, dtensors, ids, held in plan:
             layer_ids.append(ids)
-            grads = [grads_all[j] for j in positions]
+            grads = grads_all if positions is None else [grads_all[j] for j in positions]
             params = held
             if dtensors:  # FSDP2 / DTensor: work on the local shards
                 grads = [local(g) for g in grads]  # type: ignore[arg-type]
@@ -183,7 +191,7 @@ class StatsCollector:
             groups=groups,
             present=present,
             present_host=present_host,
-            grads=[g for grads, _, _ in groups for g in grads],
+            grads=groups[0][0] if len(groups) == 1 else [g for grads, _, _ in groups for g in grads],
             reduce_keys=keys,
             layer_ids=layer_ids,
         )
@@ -194,9 +202,7 @@ class StatsCollector:
             out[i] = out[i] or has
         return out
 
-    def _build_index(
-        self, key: tuple[bool, ...]
-    ) -> tuple[list[tuple[list[int], Tensor, ReduceKey, bool, list[int], list[Tensor]]], Tensor, tuple[bool, ...]]:
+    def _build_index(self, key: tuple[bool, ...]) -> tuple[list[_Plan], Tensor, tuple[bool, ...]]:
         by_group: dict[tuple[torch.device, torch.dtype, ReduceKey, bool], list[int]] = defaultdict(list)
         for j, ((_, p), has) in enumerate(zip(self._flat, key)):
             if has:
@@ -208,7 +214,10 @@ class StatsCollector:
             ids = [self._flat[j][0] for j in positions]
             idx = torch.tensor(ids, dtype=torch.long, device=self.device)
             # The layer ids and parameters of a pattern are fixed: made once here, not walked every step.
-            plan.append((positions, idx, rkey, dtensors, ids, [self._flat[j][1] for j in positions]))
+            held = [self._flat[j][1] for j in positions]
+            # One group of every gradient, in order (the common case): gather takes the list as it is.
+            whole = len(by_group) == 1 and len(positions) == len(self._flat)
+            plan.append((None if whole else positions, idx, rkey, dtensors, ids, held))
         present_host = tuple(self._present_host(key))
         present = torch.tensor(present_host, dtype=torch.bool, device=self.device)
         return plan, present, present_host
