@@ -13,6 +13,7 @@ all-reduce of one stacked tensor per statistic (see :mod:`gradwatch.distributed`
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections import defaultdict
@@ -155,7 +156,6 @@ class StatsCollector:
         ]
         self._cache: dict[tuple[bool, ...], tuple[list[tuple[list[int], Tensor]], Tensor, tuple[bool, ...]]] = {}
         self._params = [p for _, p in self._flat]
-        self._all_present = (True,) * len(self._flat)
 
     @property
     def num_layers(self) -> int:
@@ -165,8 +165,8 @@ class StatsCollector:
     def gather(self) -> Gathered:
         """Collect the gradients present now (a host-side walk; no device work)."""
         grads_all = list(map(_GRAD, self._params))
-        # Every gradient present (the common case): one C-level scan instead of a tuple of flags.
-        key = self._all_present if None not in grads_all else tuple(g is not None for g in grads_all)
+        # Identity tests in C (`None in grads_all` would call Tensor.__eq__ on every gradient).
+        key = tuple(map(operator.is_not, grads_all, itertools.repeat(None)))
         cached = self._cache.get(key)
         if cached is None:
             if len(self._cache) >= _MAX_PATTERNS:  # e.g. mixture-of-experts routing: keep memory bounded
