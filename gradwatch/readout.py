@@ -27,6 +27,7 @@ class Values(Mapping[str, list[float]]):
 
     def __init__(self, values: dict[str, list[float]]) -> None:
         self._values = values
+        self._heads: dict[str, dict[str, list[float]]] | None = None  # first segment -> its entries
 
     def __getitem__(self, name: str) -> list[float]:
         try:
@@ -49,6 +50,15 @@ class Values(Mapping[str, list[float]]):
 
     def scope(self, prefix: str) -> dict[str, list[float]]:
         """The entries under ``prefix``, with the prefix removed from their names."""
+        head, sep, rest = prefix.partition("/")
+        if sep and not rest:  # a first-segment prefix ("d3/", "ev/"): grouped once, looked up after
+            if self._heads is None:
+                self._heads = {}
+                for k, v in self._values.items():
+                    h, s, r = k.partition("/")
+                    if s:
+                        self._heads.setdefault(h, {})[r] = v
+            return dict(self._heads.get(head, {}))
         n = len(prefix)
         return {k[n:]: v for k, v in self._values.items() if k.startswith(prefix)}
 
