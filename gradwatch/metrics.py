@@ -8,6 +8,7 @@ transfer never matters.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,12 @@ def register_metrics(out: Readout, t: StepTensors) -> None:
         out.add_all("m/amp/", t.amp)
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_keys(family: str, layers: tuple[str, ...]) -> tuple[str, ...]:
+    """``family``'s key for every layer (made once per model, not per logging step)."""
+    return tuple(schema.metric_key(family, name) for name in layers)
+
+
 def _ratio(g: float, p: float) -> float:
     if p > 0:
         return g / p
@@ -98,18 +105,20 @@ def decode_metrics(
         nonfinite_counts: exact per-layer counts read on a rare path, when not in ``values``.
     """
     key = schema.metric_key
+    names = tuple(layers)
     gn, pn = values["m/grad_norm"], values["m/param_norm"]
     gmax = values["m/grad_max"] if "m/grad_max" in values else None  # every ``grad_max_every`` steps
     m: dict[str, float] = {schema.GRAD_NORM_TOTAL: values.scalar("m/total")}
-    for i, name in enumerate(layers):
+    for i, k in enumerate(_layer_keys(schema.GRAD_NORM, names)):
         if present[i]:
-            m[key(schema.GRAD_NORM, name)] = gn[i]
-    for i, name in enumerate(layers):
+            m[k] = gn[i]
+    max_keys, norm_keys = _layer_keys(schema.GRAD_MAX, names), _layer_keys(schema.PARAM_NORM, names)
+    for i, ratio_key in enumerate(_layer_keys(schema.GRAD_TO_PARAM, names)):
         if present[i]:
             if gmax is not None:
-                m[key(schema.GRAD_MAX, name)] = gmax[i]
-            m[key(schema.PARAM_NORM, name)] = pn[i]
-            m[key(schema.GRAD_TO_PARAM, name)] = _ratio(gn[i], pn[i])
+                m[max_keys[i]] = gmax[i]
+            m[norm_keys[i]] = pn[i]
+            m[ratio_key] = _ratio(gn[i], pn[i])
     counts = values["m/nonfinite"] if "m/nonfinite" in values else nonfinite_counts
     m[schema.NONFINITE_TOTAL] = float(sum(counts)) if counts is not None else 0.0
     if counts is not None:
