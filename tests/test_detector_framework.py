@@ -374,11 +374,15 @@ def test_vanishing_depth_and_nonfinite_by_name() -> None:
         ev = evidence(t, s)
         v.update(ev)
         nf.update(ev)
-    # One stacked persistence: every check's entries side by side (depth: 1, zero and ratio: one per layer).
+    # On the device one stacked persistence of the per-layer checks side by side (zero and ratio: one entry per
+    # layer); the model-wide checks (depth, dying) run on the host over five figures per step.
     width = sum(sl.stop - sl.start for sl in v.slices.values())
-    assert {k: t.shape[0] for k, t in v.readout().items()} == {"checks.fired_step": width, "checks.fired_value": width}
-    assert [v.slices[k].stop - v.slices[k].start for k in ("depth", "zero", "ratio")] == [1, 4, 4]
-    (f,) = v.collect(read(v), 2)
+    values = read(v)
+    assert {k: len(x) for k, x in values.items()} == {
+        "checks.fired_step": width, "checks.fired_value": width, "figures": 3 * 5,
+    }
+    assert [v.slices[k].stop - v.slices[k].start for k in ("zero", "ratio")] == [4, 4]
+    (f,) = v.collect(values, 2)
     # early quarter = l0, late quarter = l3: RMS ratio 1e-7
     assert (f.kind, f.source, f.step, f.layer) == ("vanishing", "depth", 1, "l0")
     assert f.value == pytest.approx(1e-7, rel=1e-4)
@@ -403,7 +407,9 @@ def test_state_dict_round_trips_through_a_monitor_that_is_not_bound_yet() -> Non
     b = Vanishing()
     b.load_state_dict(sd)
     b.bind(ctx)
-    assert torch.equal(b.state["checks.streak"], sd["checks"]["streak"])
+    for key in ("streak", "fired_step", "fired_value"):  # the host's depth and dying entries around the device's
+        assert torch.equal(b.state_dict()["checks"][key], sd["checks"][key])
+    assert b._host.streak == [1.0, 0.0] and torch.equal(b.state["checks.streak"], sd["checks"]["streak"][1:-1])
     e = Exploding()
     e.bind(ctx)
     assert set(e.state_dict()["growth_ref"]) == {"sum", "count"}

@@ -174,8 +174,8 @@ class UpdateLossSeries(Detector):
         self.updates, self.losses = Series(), Series()
 
     def largest(self, ratio: Tensor) -> Tensor:
-        """The measurement of one update: its largest per-layer ratio (NaN, no measurement, as 0)."""
-        return torch.where(torch.isnan(ratio), 0.0, ratio).amax()
+        """The measurement of one update: its largest per-layer ratio (NaN, no measurement, as 0; Inf kept)."""
+        return ratio.nan_to_num(0.0, math.inf, -math.inf).amax()  # 2 ops (isnan + where + amax dispatched 4)
 
     def update(self, ev: StepEvidence) -> None:
         if ev.loss is not None:

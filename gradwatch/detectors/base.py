@@ -411,8 +411,9 @@ class Latch:
     def fired(self, values: Mapping[str, list[float]]) -> list[Fired]:
         """The latched entries in the read-back ``values`` (by index), and free the latch."""
         steps = values[f"{self.name}.fired_step"]
-        if any(s >= 0 for s in steps):  # nothing latched: the latch is free already (no device op)
-            self.clear()
+        if not steps or max(steps) < 0:  # nothing latched: the latch is free already (no device op, no walk)
+            return []
+        self.clear()
         cols = {v: values[f"{self.name}.fired_{v}"] for v in self.values}
         out = []
         for i, s in enumerate(steps):

@@ -134,15 +134,31 @@ class Vanishing(WindowedChecks):
         persist: consecutive steps a condition must hold.
     """
 
-    sources = (("depth", False), ("zero", True), ("ratio", True), ("dying", False))
+    # On the device, per layer: the zero and ratio checks. The model-wide checks (depth, dying) run on the host
+    # (_HostChecks) over five figures per step read back at the logging step; state_dict keeps every check side
+    # by side as before, in ``layout`` order.
+    sources = (("zero", True), ("ratio", True))
+    layout = ("depth", "zero", "ratio", "dying")
 
     def __init__(self, depth_ratio: float = 1e-4, min_ratio: float = 1e-8, persist: int = 3) -> None:
         super().__init__(persist)
         self.depth_ratio = check_range("depth_ratio", depth_ratio, 0.0, 1.0)
         self.min_ratio = check_range("min_ratio", min_ratio, 0.0, 1.0)
+        # The device compares a float32 figure with a Python number rounded to float32: so does the host.
+        self._depth_at = _f32(math.log(self.depth_ratio))
+        self._dying_at = _f32(0.5 * math.log(self.depth_ratio))
+        self._host = _HostChecks(2)  # depth, dying
+        self._figures: list[Tensor] = []  # per fold: float32[T, 5], the model-wide figures of its steps
+        self._figure_steps: list[int] = []  # their step numbers (host ints), not read out yet
+        self._read_steps: list[int] = []  # the step numbers of the figures read out, not collected yet
+        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
+        if self.state.bound:  # bound again (a new monitor): the host state starts over too
+            self._host.reset()
         super().bind(ctx)
+        self._figures, self._figure_steps, self._read_steps = [], [], []
+        self._nan = torch.full((1,), math.nan, device=ctx.device)
         self._profile = DepthProfile(ctx)
         self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
         weight = torch.zeros(len(ctx.layers), dtype=torch.bool, device=ctx.device)
@@ -151,32 +167,34 @@ class Vanishing(WindowedChecks):
         # Per-layer thresholds with the weight-layer mask folded in (a NaN or -inf bound never holds).
         self._zero_at = torch.where(weight, 0.0, math.nan)  # grad_sq == _zero_at: an exact zero at a weight layer
         self._low_at = torch.where(weight, self.min_ratio, -math.inf)  # ratio < _low_at
-        self._never = torch.zeros(1, 1, dtype=torch.bool, device=ctx.device)  # a model-wide check that cannot hold
-        self._nil = torch.zeros(1, 1, device=ctx.device)
         relu = [k == "relu" and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
         self._relu = torch.tensor(relu, dtype=torch.bool, device=ctx.device) if any(relu) else None
         self._explained = False  # a dying-ReLU finding was made: later depth/ratio findings are its symptom
         self.state.bind(ctx.device)
+        if self._loaded is not None:
+            self._load(self._loaded)
+            self._loaded = None
 
-    def _dying(self, rows: list[StepEvidence], depth: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
-        """Per step ``[T]``: the vanishing is the ReLUs' being off (see the class docstring), and the product."""
+    def _gain(self, rows: list[StepEvidence]) -> tuple[Tensor, Tensor]:
+        """Per step ``[T]``: the log of the tracked ReLU layers' ``sqrt(2 f)`` product, and the product (NaN
+        without tracked ReLUs: the dying check then never holds)."""
         if self._relu is None or any(ev.activations is None or ev.activations.active is None for ev in rows):
-            return self._never.expand(len(rows), 1), self._nil.expand(len(rows), 1)  # [T, 1]: no view to widen
+            nan = self._nan.expand(len(rows))
+            return nan, nan
         active = stacked(rows, "act_active", lambda ev: ev.activations.active)  # type: ignore[union-attr]
         seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
         use = self._relu & seen
         log_gain = 0.5 * torch.where(use, (2 * active).clamp_min(TINY).log(), 0.0).sum(-1)
-        symptom = depth.reshape(len(rows)) | low.any(-1)  # depth is [T, 1] without a depth profile
-        return symptom & (log_gain <= 0.5 * math.log(self.depth_ratio)), log_gain.exp()
+        return log_gain, log_gain.exp()
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
         win = grad_window(rows)
+        n = len(rows)
         if self._profile.enabled:
-            depth = self._profile.log_ratio(rows, win) < math.log(self.depth_ratio)  # NaN (no usable layer): False
-            depth_value = self._profile.ratio(rows, win)
+            log_r, depth_value = self._profile.log_ratio(rows, win), self._profile.ratio(rows, win)
         else:
-            depth, depth_value = self._never.expand(len(rows), 1), self._nil.expand(len(rows), 1)
+            log_r = depth_value = self._nan.expand(n)
         zero = (win.grad_sq == self._zero_at) & win.present
         if any(ev.unreached is not None for ev in rows):
             # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
@@ -188,13 +206,63 @@ class Vanishing(WindowedChecks):
             zero = zero & ~blocked
         ratio = relative_to_weights(rows, win, param_norm, self._floor)
         low = ratio < self._low_at
-        dying = self._dying(rows, depth, low)
-        return [depth, zero, low, dying[0]], [depth_value, win.grad_sq, ratio, dying[1]]
+        # The model-wide checks' figures, to the host: the depth profile's log and ratio, whether a layer's
+        # ratio check held (the bool promotes to float), the dying ReLUs' log gain and gain.
+        self._figures.append(torch.stack([log_r, depth_value, low.any(-1), *self._gain(rows)], -1))
+        self._figure_steps.extend(ev.stats.step for ev in rows)
+        return [zero, low], [win.grad_sq, ratio]
+
+    def readout(self) -> dict[str, Tensor]:
+        out = super().readout()  # folds the recorded steps
+        if self._figures:
+            figures = self._figures[0] if len(self._figures) == 1 else torch.cat(self._figures)
+            out["figures"] = figures.reshape(-1)
+            self._read_steps += self._figure_steps
+            self._figures, self._figure_steps = [], []
+        return out
+
+    def _run(self, steps: list[int], figures: list[float]) -> None:
+        """The model-wide checks over the steps' figures (5 per step, oldest first), with the device's
+        float32 comparisons: ``depth`` (log ratio below the threshold's log; NaN: no usable layer, False) and
+        ``dying`` (``depth`` or a layer's ratio check, with the ReLUs' log gain at most half that log)."""
+        host, depth_at, dying_at, persist = self._host, self._depth_at, self._dying_at, self.persist
+        for i, step in enumerate(steps):
+            log_r, depth_value, low, log_gain, gain = figures[5 * i : 5 * i + 5]
+            depth = log_r < depth_at
+            host.advance(0, depth, depth_value, step, persist)
+            host.advance(1, (depth or low > 0) and log_gain <= dying_at, gain, step, persist)
+
+    # -- checkpoints: every check's entries side by side, in ``layout`` order, as one stacked persistence
+    def state_dict(self) -> dict[str, Any]:
+        if not self.state.bound:
+            return {} if self._loaded is None else dict(self._loaded)
+        self.fold()
+        if self._figures:  # figures not read back yet: one host read, and the host folds them now
+            self._run(self._figure_steps, torch.cat(self._figures).reshape(-1).tolist())
+            self._figures, self._figure_steps = [], []
+        dev = self.state.state_dict()["checks"]
+        return {"checks": {k: self._host.side_by_side(k, dev[k]) for k in ("streak", "fired_step", "fired_value")}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.state.bound:
+            self._load(state)
+        else:  # the number of layers is known at bind
+            self._loaded = {**(self._loaded or {}), **state}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
+        checks = {k: v for k, v in flat.items() if k.startswith("checks.") and v.dim() == 1}
+        self._host.load({k[len("checks."):]: v for k, v in checks.items()})
+        self.state.load_state_dict({k: v[1:-1] for k, v in checks.items()})
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
+        if "figures" in values:
+            self._run(self._read_steps, values["figures"])
+            self._read_steps = []
         names = self.ctx.names
-        fired = self.fired_by_source(values)
+        host = self._host.fired()
+        fired = {**self.fired_by_source(values), "depth": host[0], "dying": host[1]}
         out: list[Finding] = []
         for f in fired["dying"]:
             out.append(
@@ -252,6 +320,59 @@ class Vanishing(WindowedChecks):
                 thr = self.min_ratio
             out.append(Finding("vanishing", source, s, names[i], v, thr, "warning", msg, layers))
         return out
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (what a device comparison of a float32 tensor with ``x`` uses)."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+class _HostChecks:
+    """Model-wide checks run on the host with :class:`Persistence`'s semantics: a streak per check, and the
+    first step (and value) at which it reached ``persist`` kept until :meth:`fired` reads it.
+
+    Args:
+        n: number of checks.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state."""
+        self.streak = [0.0] * self.n
+        self.fired_step = [-1.0] * self.n
+        self.fired_value = [0.0] * self.n
+
+    def advance(self, k: int, cond: bool, value: float, step: int, persist: int) -> None:
+        """Check ``k``'s condition at ``step``: its streak, and the latch where the streak reaches ``persist``."""
+        self.streak[k] = self.streak[k] + 1.0 if cond else 0.0
+        if self.streak[k] >= persist and self.fired_step[k] < 0:
+            self.fired_step[k], self.fired_value[k] = float(step), value
+
+    def fired(self) -> list[list[Fired]]:
+        """Per check, its latched entry (index 0; none when free), and free them."""
+        out = []
+        for k in range(self.n):
+            s, v = self.fired_step[k], self.fired_value[k]
+            out.append([Fired(0, int(s), v, {"value": v})] if s >= 0 else [])
+            self.fired_step[k] = -1.0
+        return out
+
+    def side_by_side(self, key: str, dev: Tensor) -> Tensor:
+        """The checkpointed ``key`` (``streak``, ``fired_step``, ``fired_value``): the first check, the device's
+        entries ``dev``, then the other checks (the layout of the one stacked persistence kept before)."""
+        host = getattr(self, key)
+        f32 = torch.tensor(host, dtype=torch.float32, device=dev.device)
+        return torch.cat([f32[:1], dev.to(torch.float32), f32[1:]])
+
+    def load(self, flat: dict[str, Tensor]) -> None:
+        """Restore the host entries of a :meth:`side_by_side` checkpoint (missing keys are kept)."""
+        for key in ("streak", "fired_step", "fired_value"):
+            if key in flat:
+                v = flat[key].tolist()
+                setattr(self, key, [v[0], *v[len(v) - self.n + 1 :]])
 
 
 class _ModelWide:
