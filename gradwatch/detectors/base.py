@@ -212,6 +212,7 @@ class DeviceState:
         object.__setattr__(self, "_tensors", None)
         object.__setattr__(self, "_loaded", None)
         object.__setattr__(self, "device", None)
+        object.__setattr__(self, "_read", {})
 
     # -- declaration
     def add_state(
@@ -277,7 +278,12 @@ class DeviceState:
     def readout(self) -> dict[str, Tensor]:
         """The tensors declared with ``readout=True``, flattened to 1-D float32."""
         t = self._require()
-        return {n: _flat32(t[n]) for n, d in self._decls.items() if d.readout}
+        object.__setattr__(self, "_read", {n: t[n] for n, d in self._decls.items() if d.readout})
+        return {n: _flat32(t[n]) for n in self._read}
+
+    def last_read(self, name: str) -> Tensor | None:
+        """The tensor the last :meth:`readout` returned under ``name`` (the object, not a copy), if any."""
+        return self._read.get(name)
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -387,6 +393,7 @@ class Latch:
         for v, width in self.values.items():
             size = n if width is None else width
             state.add_state(f"{name}.fired_{v}", lambda dev, k=size: torch.zeros(k, device=dev), readout=True)
+        self._free: Tensor | None = None  # the fired_step tensor the host knows holds no entry (all -1)
 
     @property
     def step(self) -> Tensor:
@@ -399,7 +406,10 @@ class Latch:
         Returns:
             The entries latched now (bool[n]).
         """
-        first = (take if take.dim() <= 1 else take.reshape(-1)) & (self.step < 0)
+        take = take if take.dim() <= 1 else take.reshape(-1)
+        free = self.step is self._free  # nothing latched since the host read it: every entry is free
+        first = take if free else take & (self.step < 0)  # (2 ops fewer on a free latch)
+        self._free = None
         self.state[f"{self.name}.fired_step"] = torch.where(first, step, self.step)
         for v, t in values.items():
             key = f"{self.name}.fired_{v}"
@@ -412,6 +422,8 @@ class Latch:
         """The latched entries in the read-back ``values`` (by index), and free the latch."""
         steps = values[f"{self.name}.fired_step"]
         if not steps or max(steps) < 0:  # nothing latched: the latch is free already (no device op, no walk)
+            read = self.state.last_read(f"{self.name}.fired_step")
+            self._free = read if read is self.step else None  # what was read is still the state: known free
             return []
         self.clear()
         cols = {v: values[f"{self.name}.fired_{v}"] for v in self.values}
@@ -427,6 +439,7 @@ class Latch:
     def clear(self) -> None:
         """Free every entry (the host has read them)."""
         self.state[f"{self.name}.fired_step"] = torch.full_like(self.step, -1.0)
+        self._free = self.step
 
 
 class Persistence:
