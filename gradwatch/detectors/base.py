@@ -617,6 +617,8 @@ def window_steps(rows: Sequence[StepEvidence], device: torch.device) -> Tensor:
     """float32[T]: the rows' step numbers on ``device`` (from the host; no device read)."""
 
     def make() -> Tensor:
+        if len(rows) == 1:  # one step (log_every=1): filled where it lives, no host tensor to copy
+            return torch.full((1,), float(rows[0].stats.step), dtype=torch.float32, device=device)
         host = torch.tensor([float(ev.stats.step) for ev in rows], dtype=torch.float32)
         return host.to(device, non_blocking=True)
 

@@ -93,6 +93,7 @@ class NoGradient(WindowedChecks):
         self._all = torch.ones(n, dtype=torch.bool, device=ctx.device)
         self._none = torch.zeros(n, dtype=torch.bool, device=ctx.device)
         self._inert_pending: int | None = None
+        self._zero_streak: Tensor | None = None  # the streak tensor known to be 0 everywhere
 
     def update(self, ev: StepEvidence) -> None:
         if ev.optimizer_inert and self._inert_pending is None:
@@ -104,7 +105,28 @@ class NoGradient(WindowedChecks):
             step = torch.full((), float(self._inert_pending), device=self._true.device)
             self.inert.update(self._true, step, value=self._true.to(torch.float32))
             self._inert_pending = None
+        rows = self.window.rows
+        if rows and self._none_missing(rows):
+            # Known on the host: no layer can be missing on any of these steps, so every streak is 0 and nothing
+            # latches (no device op once the streaks are known to be 0).
+            self.window.take()
+            for ev in rows:  # the weight norms the next fold starts from, as the full fold keeps them
+                if ev.stats.param_norm is not None:
+                    self._param_norm = ev.stats.param_norm
+            if self.checks.streak is not self._zero_streak:
+                self._zero_streak = torch.zeros_like(self.checks.streak)
+                self.state["checks.streak"] = self._zero_streak
+            return
         super().fold()
+
+    def _none_missing(self, rows: list[StepEvidence]) -> bool:
+        """Whether the host knows that no layer is missing on any of ``rows``: every layer has a gradient
+        tensor, backward reached every probed layer, and no exact zero can count as blocked (:func:`blocked_zero`
+        claims nothing without tracked activations)."""
+        assert self.ctx is not None
+        if self.ctx.weight_layers and all(ev.activations is not None for ev in rows):
+            return False
+        return all(ev.unreached is None and all(ev.stats.present_host) for ev in rows)
 
     def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         assert self.ctx is not None
