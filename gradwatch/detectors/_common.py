@@ -36,6 +36,7 @@ class GradWindow(NamedTuple):
         total: float32[T], total gradient norms.
         norm: float32[T, L], gradient norms (``grad_sq.sqrt()``).
         usable: bool[T, L], present with a finite, non-zero gradient (``0 < grad_sq < inf``).
+        all_present: every layer has a gradient on every step (known on the host): ``present`` masks nothing.
     """
 
     grad_sq: Tensor
@@ -43,6 +44,13 @@ class GradWindow(NamedTuple):
     total: Tensor
     norm: Tensor
     usable: Tensor
+    all_present: bool = False
+
+    def only_present(self, t: Tensor) -> Tensor:
+        """``t & present`` (``t * present`` for floats), or ``t`` itself (no op) when every layer is present."""
+        if self.all_present:
+            return t
+        return t & self.present if t.dtype == torch.bool else t * self.present
 
 
 def grad_window(rows: list[StepEvidence]) -> GradWindow:
@@ -52,8 +60,11 @@ def grad_window(rows: list[StepEvidence]) -> GradWindow:
         grad_sq = stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq)
         present = stacked(rows, "present", lambda ev: ev.stats.present)
         total = stacked(rows, "total_norm", lambda ev: ev.stats.total_norm)
-        usable = present & (grad_sq > 0) & (grad_sq < math.inf)  # NaN fails both comparisons
-        return GradWindow(grad_sq, present, total, grad_sq.sqrt(), usable)
+        every = all(all(ev.stats.present_host) for ev in rows)
+        usable = (grad_sq > 0) & (grad_sq < math.inf)  # NaN fails both comparisons
+        if not every:
+            usable = usable & present
+        return GradWindow(grad_sq, present, total, grad_sq.sqrt(), usable, every)
 
     return rows[-1].derived(("window", "grads", id(rows[0]), len(rows)), make)
 

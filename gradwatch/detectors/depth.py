@@ -95,7 +95,10 @@ class DepthProfile:
         return rows[-1].derived(key, lambda: self.log_ratio(rows, win).exp())
 
     def _log_ratio(self, win: GradWindow) -> Tensor:
-        log_rms = (win.norm / self._sqrt_numel).clamp_min(TINY).log()
+        # No floor before the log: only usable layers count (0 < grad_sq, so norm >= 3.7e-23, float32's smallest
+        # square root), and norm / sqrt(numel) stays above TINY, where the floor was, for any layer under 1e15
+        # elements; what the floor changed (a 0 norm) is masked out below.
+        log_rms = (win.norm / self._sqrt_numel).log()
         pick = win.usable.unsqueeze(-2) & self.groups  # [T, 2, L]: the usable layers of each group
         count = pick.sum(-1)
         # 0 / 0 = NaN: a group without usable layers makes the step's ratio NaN.
@@ -195,7 +198,7 @@ class Vanishing(WindowedChecks):
             log_r, depth_value = self._profile.log_ratio(rows, win), self._profile.ratio(rows, win)
         else:
             log_r = depth_value = self._nan.expand(n)
-        zero = (win.grad_sq == self._zero_at) & win.present
+        zero = win.only_present(win.grad_sq == self._zero_at)
         if any(ev.unreached is not None for ev in rows):
             # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
             none = torch.zeros_like(self._weight)
@@ -560,7 +563,7 @@ class Exploding(WindowedChecks):
         # Severity-scaled persistence: 1e4x past the threshold fires on the step it is seen.
         self._imm = [ratio > self.max_ratio * _FAR]
         # Total weight norm over the present layers (NaN: no weight norm known yet).
-        pn = (param_norm * win.present).square().sum(-1).sqrt().expand(n)
+        pn = win.only_present(param_norm).square().sum(-1).sqrt().expand(n)
         log_r = self._profile.log_ratio(rows, win) if self._profile.enabled else self._nan.expand(n)
         self._figures.append(torch.stack([win.total, pn, log_r, high.any(-1)], -1))  # the bool promotes to float
         self._figure_steps.extend(ev.stats.step for ev in rows)
