@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gradwatch.detectors import (
+    ActivationStats,
     Detector,
     DetectorContext,
     DeviceState,
@@ -298,6 +299,72 @@ def test_exploding_growth_folded_per_window_matches_stepwise_reference(reads: ra
     assert len(expected) >= 1
     assert [s for s, _ in firsts] == [s for s, _ in expected]
     assert [v for _, v in firsts] == [pytest.approx(v, rel=1e-4) for _, v in expected]
+
+
+def _vanishing_reference(
+    rows: list[tuple[float, float]], reads: set[int], persist: int
+) -> list[tuple[str, int, float]]:
+    """Stepwise float64 reference of Vanishing's model-wide checks over ``(early/late RMS ratio, ReLU on-fraction)``
+    per step (2 tracked ReLU layers, depth_ratio 1e-4, no layer's ratio check holding): the first firing step of
+    each check per read window, and no depth finding once dying ReLUs explain it."""
+    streak, latched, out, explained = [0, 0], [None, None], [], False
+    for t, (ratio, f) in enumerate(rows):
+        depth = ratio < 1e-4
+        gain = 2 * f  # sqrt(2 f) for each of the two layers
+        for k, (cond, value) in enumerate(((depth, ratio), (depth and gain <= 1e-2, gain))):
+            streak[k] = streak[k] + 1 if cond else 0
+            if streak[k] >= persist and latched[k] is None:
+                latched[k] = (t, value)
+        if t in reads:
+            if latched[1] is not None:
+                out.append(("inactive", *latched[1]))
+                explained = True
+            if latched[0] is not None and not explained:
+                out.append(("depth", *latched[0]))
+            latched = [None, None]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vanishing_model_wide_checks_on_the_host_match_a_stepwise_reference_and_resume_mid_window(seed: int) -> None:
+    """Vanishing's depth and dying checks run on the host over figures read back at the logging step: the same
+    findings as a stepwise reference for any read windows, and a checkpoint taken between reads (figures not read
+    back yet), restored before or after bind, goes on exactly."""
+    rng = random.Random(seed)
+    n = 40
+    rows = [(rng.choice([1.0, 1e-6, 1e-6]), rng.choice([0.5, 0.5, 0.5, 1e-3])) for _ in range(n)]
+    reads = {t for t in range(n) if rng.random() < 0.3} | {n - 1}
+    ctx = ctx_for(4)
+    ctx.activation_names, ctx.activation_kinds, ctx.excluded_activations = ["a0", "a1"], ["relu"] * 2, [False] * 2
+
+    def run(restore_at: int | None, before_bind: bool) -> list[tuple[str, int, float]]:
+        d = Vanishing(persist=2)
+        d.bind(ctx)
+        found = []
+        for t, (ratio, f) in enumerate(rows):
+            if t == restore_at:
+                sd = d.state_dict()
+                d = Vanishing(persist=2)
+                if before_bind:
+                    d.load_state_dict(sd)
+                    d.bind(ctx)
+                else:
+                    d.bind(ctx)
+                    d.load_state_dict(sd)
+            acts = ActivationStats(
+                dead=torch.zeros(2), saturated=torch.zeros(2), seen=torch.ones(2, dtype=torch.bool),
+                active=torch.full((2,), f),
+            )
+            d.update(evidence(t, stats_of([ratio, 1.0, 1.0, 1.0], param_norm=[1.0] * 4), activations=acts))
+            if t in reads:
+                found += [(f.source, f.step, f.value) for f in d.collect(read(d), t) if f.source != "ratio"]
+        return found
+
+    expected = _vanishing_reference(rows, reads, 2)
+    assert run(None, False) == [(src, step, pytest.approx(v, rel=1e-5)) for src, step, v in expected]
+    at = min(t for t in range(1, n) if t - 1 not in reads)  # a window with a step not read back yet
+    for before_bind in (False, True):
+        assert run(at, before_bind) == [(src, step, pytest.approx(v, rel=1e-5)) for src, step, v in expected]
 
 
 def test_exploding_checkpoint_mid_window_resumes_the_same_findings() -> None:

@@ -21,12 +21,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch as gw
 
-# Measured on CPU (torch 2.13): 98 ops per logging step with log_every=1, for 2 or 48 layers (before this
-# test: ~300; Exploding alone 153). The limits leave a margin of a few ops.
-MAX_OPS_LOG_EVERY_1 = 102
+# Measured on CPU (torch 2.13): 69 ops per logging step with log_every=1, for 2 or 48 layers (before this
+# test: ~300; Exploding alone 153; 98 before Vanishing's model-wide checks moved to the host, latches read empty
+# skipped their free-entry test and NoGradient's all-present windows folded on the host). The limits leave a
+# margin of a few ops.
+MAX_OPS_LOG_EVERY_1 = 72
 # A window of T > 1 steps folds in the same ops for any T (one stack per input, vectorised over the steps):
-# measured 143 for T = 10 or 25.
-MAX_OPS_WINDOW = 150
+# measured 102 for T = 10 or 25 (143 before).
+MAX_OPS_WINDOW = 106
 
 
 class ReadoutOps(TorchDispatchMode):
@@ -89,7 +91,9 @@ def readout_ops(depth: int, log_every: int) -> collections.Counter[str]:
 def test_logging_step_fold_ops_are_bounded(depth: int) -> None:
     ops = readout_ops(depth, 1)
     assert sum(ops.values()) <= MAX_OPS_LOG_EVERY_1, ops.most_common()
-    assert ops["Exploding"] <= 25 and ops["NonFinite"] <= 6, ops.most_common()
+    assert ops["Vanishing"] <= 42 and ops["Exploding"] <= 18 and ops["NonFinite"] <= 3, ops.most_common()
+    # Every layer present, none unreached, no activations tracked: the host knows no layer is missing.
+    assert ops["NoGradient"] == 0, ops.most_common()
 
 
 def test_logging_step_fold_ops_do_not_grow_with_depth_or_window() -> None:

@@ -178,12 +178,16 @@ class Vanishing(WindowedChecks):
             self._load(self._loaded)
             self._loaded = None
 
-    def _gain(self, rows: list[StepEvidence]) -> tuple[Tensor, Tensor]:
-        """Per step ``[T]``: the log of the tracked ReLU layers' ``sqrt(2 f)`` product, and the product (NaN
-        without tracked ReLUs: the dying check then never holds)."""
+    def _dying(self, rows: list[StepEvidence], low: Tensor) -> list[Tensor]:
+        """Per step ``[T]``: whether a layer's ratio check held, the log of the tracked ReLU layers' ``sqrt(2 f)``
+        product, and the product; NaN without tracked ReLUs (the dying check then never holds: no op)."""
         if self._relu is None or any(ev.activations is None or ev.activations.active is None for ev in rows):
             nan = self._nan.expand(len(rows))
-            return nan, nan
+            return [nan, nan, nan]
+        return [low.any(-1), *self._gain(rows)]  # the bool promotes to float in the stack
+
+    def _gain(self, rows: list[StepEvidence]) -> tuple[Tensor, Tensor]:
+        """Per step ``[T]``: the log of the tracked ReLU layers' ``sqrt(2 f)`` product, and the product."""
         active = stacked(rows, "act_active", lambda ev: ev.activations.active)  # type: ignore[union-attr]
         seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
         use = self._relu & seen
@@ -210,8 +214,8 @@ class Vanishing(WindowedChecks):
         ratio = relative_to_weights(rows, win, param_norm, self._floor)
         low = ratio < self._low_at
         # The model-wide checks' figures, to the host: the depth profile's log and ratio, whether a layer's
-        # ratio check held (the bool promotes to float), the dying ReLUs' log gain and gain.
-        self._figures.append(torch.stack([log_r, depth_value, low.any(-1), *self._gain(rows)], -1))
+        # ratio check held, the dying ReLUs' log gain and gain.
+        self._figures.append(torch.stack([log_r, depth_value, *self._dying(rows, low)], -1))
         self._figure_steps.extend(ev.stats.step for ev in rows)
         return [zero, low], [win.grad_sq, ratio]
 
@@ -233,7 +237,7 @@ class Vanishing(WindowedChecks):
             log_r, depth_value, low, log_gain, gain = figures[5 * i : 5 * i + 5]
             depth = log_r < depth_at
             host.advance(0, depth, depth_value, step, persist)
-            host.advance(1, (depth or low > 0) and log_gain <= dying_at, gain, step, persist)
+            host.advance(1, (depth or low > 0) and log_gain <= dying_at, gain, step, persist)  # NaN > 0: False
 
     # -- checkpoints: every check's entries side by side, in ``layout`` order, as one stacked persistence
     def state_dict(self) -> dict[str, Any]:
