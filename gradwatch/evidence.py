@@ -30,6 +30,7 @@ only, no host read outside logging steps.
 
 from __future__ import annotations
 
+import collections
 import math
 import operator
 import weakref
@@ -292,6 +293,22 @@ class _Kept:
         self.convert = False  # whether the joined sample needs a conversion to float32 on the sampler's device
 
 
+_DATA_PTR = operator.methodcaller("data_ptr")
+#: Sizes of tensors sampled whole that get a reduction of their own (the sizes with the most entries); the tensors
+#: of other sizes are summed by one segment reduction (4 ops). Bounds the ops of a measure whatever the model.
+SIZE_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Consecutive tensors of one sample size: entries ``[start, start + count * size)``, pieces ``[first, ...)``."""
+
+    start: int
+    first: int
+    count: int
+    size: int
+
+
 class _Sampler:
     """A fixed sample of every parameter tensor (or its gradient), with the layer of each entry.
 
@@ -308,8 +325,11 @@ class _Sampler:
     64 runs) where whole units differ in scale with a coefficient of variation ``c``: far below the two orders
     of magnitude between the thresholds the detectors and remedies compare it with.
 
-    Layout: the runs of every tensor sampled by runs, then every tensor sampled whole, each in parameter order
-    (:attr:`pieces`, :attr:`params`); :attr:`index` names each entry's layer.
+    Layout (:attr:`pieces`, :attr:`params`; :attr:`index` names each entry's layer): the runs of every tensor
+    sampled by runs (all of one size), in parameter order; then the tensors sampled whole: those of the
+    :data:`SIZE_GROUPS` sizes with the most entries first, one size after the other, then the rest, each in
+    parameter order. Tensors of one size lie side by side (:attr:`blocks`), so their sums of squares are one
+    vectorised reduction of a ``(count, size)`` view; the rest (:attr:`rest`) take one segment reduction.
 
     Args:
         layers: the watched layers.
@@ -325,20 +345,34 @@ class _Sampler:
                 shape = _local(p).shape  # the local shard's under FSDP2 (what is sampled)
                 if math.prod(shape) > 0:
                     found.append((_plan(i, shape, per_tensor), p))
-        found.sort(key=lambda fp: fp[0].runs == 0)  # stable: the tensors sampled by runs first, in order
+        runs = [fp for fp in found if fp[0].runs]
+        whole = [fp for fp in found if not fp[0].runs]
+        count = collections.Counter(f.size for f, _ in whole)
+        shared = sorted(count, key=lambda s: (-s * count[s], s))[:SIZE_GROUPS]
+        rank = {s: i for i, s in enumerate(shared)}
+        whole.sort(key=lambda fp: rank.get(fp[0].size, len(shared)))  # stable: parameter order within a size
+        found = runs + whole
         self.pieces: list[_Piece] = [f for f, _ in found]
         self.params: list[nn.Parameter] = [p for _, p in found]
-        self._n_runs = sum(1 for f in self.pieces if f.runs)
-        self.run_entries = sum(f.size for f in self.pieces[: self._n_runs])
+        self._n_runs = len(runs)
+        self.run_entries = sum(f.size for f, _ in runs)
         self.entries = sum(f.size for f in self.pieces)
+        blocks: list[_Block] = []
+        start = first = 0
+        for n, size in [(len(runs), runs[0][0].size if runs else 0)] + [(count[s], s) for s in shared]:
+            if n:
+                blocks.append(_Block(start, first, n, size))
+            start, first = start + n * size, first + n
+        #: Tensors of one size side by side: the runs, then each shared size of the tensors sampled whole.
+        self.blocks: tuple[_Block, ...] = tuple(blocks)
+        #: ``(first entry, first piece)`` of the tensors sampled whole in no block.
+        self.rest: tuple[int, int] = (start, first)
         # A DTensor holds no storage of its own (a new local view every step): its views are remade every call.
         self._plain = not any(callable(getattr(p, "to_local", None)) for p in self.params)
-        self._sizes = torch.tensor([f.size for f in self.pieces], dtype=torch.long, device=device)
+        self._rest_sizes = [f.size for f in self.pieces[first:]]
         self._piece_layer = torch.tensor([f.layer for f in self.pieces], dtype=torch.long, device=device)
         self._index: Tensor | None = None
-        self._lengths: dict[int, Tensor] = {}  # segment lengths of k samples end to end
-        self._zeros: dict[tuple[int, int], Tensor] = {}
-        # segment_reduce has CPU and CUDA kernels; on other devices the sums go entry by entry (index_add).
+        # segment_reduce has CPU and CUDA kernels; on other devices the rest's sums go entry by entry (index_add).
         self.segmented = device.type in ("cpu", "cuda")
         self._weights = _Kept()
 
@@ -359,7 +393,12 @@ class _Sampler:
         check is one data pointer per tensor on the host. A non-contiguous tensor's sample is a copy, made
         afresh at every call.
         """
-        ptrs = [t.data_ptr() if t is not None else 0 for t in tensors] if self._plain else None
+        ptrs: list[int] | None = None
+        if self._plain:
+            try:
+                ptrs = list(map(_DATA_PTR, tensors))
+            except AttributeError:  # a parameter without a gradient
+                ptrs = [t.data_ptr() if t is not None else 0 for t in tensors]
         if ptrs is None or kept.ptrs != ptrs:
             kept.ptrs = ptrs if self._remake(tensors, kept) else None
         return kept
@@ -415,21 +454,52 @@ class _Sampler:
         """The sampled weights: :meth:`take` of every parameter, with views kept across calls."""
         return self.take(self.params, self._weights)
 
-    def per_layer(self, x: Tensor, n_layers: int, k: int = 1) -> Tensor:
-        """float32[k, n_layers]: the sums per layer of ``x``, ``k`` samples end to end (float32[k * entries])."""
-        zeros = self._zeros.get((k, n_layers))
-        if zeros is None:
-            zeros = self._zeros[(k, n_layers)] = torch.zeros(k, n_layers, device=self.device)
-        if not self.pieces:
-            return zeros.clone()
-        if self.segmented:  # a sum per tensor (one contiguous segment each), then a few of them per layer
-            sizes = self._lengths.get(k)
-            if sizes is None:
-                sizes = self._lengths[k] = self._sizes.repeat(k)
-            # unsafe: the lengths are ours and right; the check would read them back to the host (a sync on a GPU)
-            sums = torch.segment_reduce(x, "sum", lengths=sizes, unsafe=True)
-            return zeros.index_add(1, self._piece_layer, sums.view(k, -1))
-        return zeros.index_add(1, self.index, x.view(k, -1))
+    def squares(self, x: Tensor, out: Tensor) -> Callable[[], None]:
+        """A call writing into ``out`` (float32[..., pieces]) the sum of squares of each piece of ``x`` (float32[...,
+        entries], the same leading shape; views of kept buffers, so the call is made once and run at every use).
+
+        One vector norm per block (then squared in place), and for the rest one segment reduction of the squares
+        (an ``index_add`` entry by entry where ``segment_reduce`` has no kernel): a fixed number of ops whatever
+        the number of layers.
+        """
+        lead = tuple(x.shape[:-1])
+        norms = [
+            (
+                x[..., b.start : b.start + b.count * b.size].view(*lead, b.count, b.size),
+                out[..., b.first : b.first + b.count],
+            )
+            for b in self.blocks
+        ]
+        start, first = self.rest
+        grouped = out[..., :first]
+        rest_x, rest_out = x[..., start:], out[..., first:]
+        k = math.prod(lead)
+        lengths = torch.tensor(self._rest_sizes * k, dtype=torch.long, device=self.device)
+        rest_index = None
+        if not self.segmented and self._rest_sizes:
+            pieces = torch.arange(len(self._rest_sizes), dtype=torch.long)
+            rest_index = torch.repeat_interleave(pieces, torch.tensor(self._rest_sizes)).to(self.device)
+
+        def run() -> None:
+            for src, dst in norms:
+                torch.linalg.vector_norm(src, dim=-1, out=dst)
+            if norms:
+                grouped.square_()
+            if not self._rest_sizes:
+                return
+            if rest_index is None:
+                # unsafe: the lengths are ours and right; the check would read them back to the host (a GPU sync)
+                sums = torch.segment_reduce(rest_x.square().view(-1), "sum", lengths=lengths, unsafe=True)
+                rest_out.copy_(sums.view(rest_out.shape))
+            else:
+                rest_out.zero_().index_add_(rest_out.dim() - 1, rest_index, rest_x.square())
+
+        return run
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the entry-by-entry piece index of the rest, where there is no ``segment_reduce``."""
+        return 0 if self.segmented else 8 * sum(self._rest_sizes)
 
 
 class UpdateTracker:
@@ -442,9 +512,14 @@ class UpdateTracker:
     sampled entries of each layer's tensors. A common healthy heuristic is ~1e-3 per step; 1e-1 means the step
     replaces a tenth of the weights.
 
-    Both samples are written into one float32[2, entries] buffer made at the first snapshot and kept: a
-    snapshot is two ``cat`` ops (the runs, the whole tensors) into its second row, a measure two more into
-    its first row and a few ops on the buffer, whatever the number of layers.
+    Both samples live in one float32[2, entries] buffer made at the first snapshot and kept, one row each. A
+    snapshot is two ``cat`` ops (the runs, the whole tensors) into the row of the weights before the update and
+    the sums of squares of its pieces, summed per layer (``||w_before||^2``). A measure is two ``cat`` ops into
+    the other row, a subtraction in place (the update), one reduction per block of equally sized tensors over
+    both rows at once (:meth:`_Sampler.squares`: ``||w_after||^2`` and ``||dw||^2`` per piece), a sum per layer
+    and the ratio: a fixed number of ops whatever the number of layers. A snapshot taken with the weights the
+    last measure sampled (``same_weights``: a logging step right after the measure, ``log_every=1``) takes that
+    sample and its sums as they are: no op.
 
     Args:
         layers: the watched layers.
@@ -455,33 +530,46 @@ class UpdateTracker:
     def __init__(self, layers: Sequence[Layer], device: torch.device, per_tensor: int = UPDATE_SAMPLE) -> None:
         self.n = len(layers)
         self._sampler = _Sampler(layers, per_tensor, device)
-        # (buffer[2, entries], its flat view, its rows, each row's runs and whole parts), made at the first snapshot.
-        self._buf: tuple[Tensor, Tensor, tuple[Tensor, Tensor], tuple[tuple[Tensor, Tensor], ...]] | None = None
+        self._buf: _Buffer | None = None  # made at the first snapshot
+        self._before = 1  # the row of ``_buf`` holding the weights before the update
+        self._w2: Tensor | None = None  # float32[L]: ||w_before||^2 per layer
+        self._after: Tensor | None = None  # float32[L]: ||w_after||^2 per layer of the last measure, while current
         self._step: int | None = None
 
     @property
     def memory_bytes(self) -> int:
         """Bytes kept once the first snapshot is taken: two float32 samples (before and after an update), plus
-        the 8-byte layer index of each entry where the per-layer sums go entry by entry (no ``segment_reduce``)."""
-        return self._sampler.entries * (2 * 4 + (0 if self._sampler.segmented else 8))
+        the 8-byte piece index of the entries summed entry by entry where there is no ``segment_reduce`` (a few
+        figures per tensor and per layer besides)."""
+        return self._sampler.entries * 2 * 4 + self._sampler.extra_bytes
 
     @property
     def pending(self) -> bool:
         """Whether a snapshot waits for its measure."""
         return self._step is not None
 
-    def _buffer(self) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], tuple[tuple[Tensor, Tensor], ...]]:
+    def _buffer(self) -> _Buffer:
         if self._buf is None:
-            e, r = self._sampler.entries, self._sampler.run_entries
-            buf = torch.zeros(2, e, device=self._sampler.device)
-            run = next((f.run for f in self._sampler.pieces if f.runs), 1)
-            parts = tuple((row[:r].view(-1, run), row[r:]) for row in buf.unbind(0))
-            self._buf = (buf, buf.view(-1), (buf[0], buf[1]), parts)
+            self._buf = _Buffer(self._sampler, self.n)
         return self._buf
 
-    def snapshot(self, step: int) -> None:
-        """Keep the sample of the weights as they are before ``step``'s optimizer step (device work only)."""
-        self._sampler.weights_into(*self._buffer()[3][1])
+    def snapshot(self, step: int, same_weights: bool = False) -> None:
+        """Keep the sample of the weights as they are before ``step``'s optimizer step (device work only).
+
+        Args:
+            step: the step whose update the next :meth:`measure` measures.
+            same_weights: the weights are as the last :meth:`measure` sampled them (no optimizer step and no
+                new storage since, e.g. the same monitor step): its sample is kept as the one before the update.
+        """
+        buf = self._buffer()
+        if same_weights and self._after is not None:
+            self._before, self._w2 = 1 - self._before, self._after
+        else:
+            b = self._before
+            self._sampler.weights_into(*buf.parts[b])
+            buf.row_squares[b]()
+            self._w2 = buf.zeros1.index_add(0, self._sampler._piece_layer, buf.sq1)
+        self._after = None
         self._step = step
 
     def measure(self) -> tuple[int, Tensor] | None:
@@ -489,15 +577,36 @@ class UpdateTracker:
 
         The ratio is NaN for layers whose sampled weights were all zero (zero-initialised).
         """
-        if self._step is None or self._buf is None:
+        if self._step is None or self._buf is None or self._w2 is None:
             return None
         step, self._step = self._step, None
-        buf, flat, (after, before), parts = self._buf
-        self._sampler.weights_into(*parts[0])
-        after.sub_(before)
-        buf.square_()
-        d2, w2 = self._sampler.per_layer(flat, self.n, 2).unbind(0)
+        buf, b = self._buf, self._before
+        a = 1 - b
+        self._sampler.weights_into(*buf.parts[a])
+        buf.rows[b].sub_(buf.rows[a])  # the update (negated), in the row of the weights before it
+        buf.both_squares()
+        sums = buf.zeros2.index_add(1, self._sampler._piece_layer, buf.sq2).unbind(0)
+        self._after, d2, w2 = sums[a], sums[b], self._w2
         return step, d2.div_(w2).sqrt_().masked_fill_(w2 == 0, math.nan)
+
+
+class _Buffer:
+    """The kept buffers of an :class:`UpdateTracker`: both samples, the sums of squares per piece, their views."""
+
+    def __init__(self, sampler: _Sampler, n_layers: int) -> None:
+        dev = sampler.device
+        e, r, p = sampler.entries, sampler.run_entries, len(sampler.pieces)
+        self.buf = torch.zeros(2, e, device=dev)
+        self.rows = (self.buf[0], self.buf[1])
+        run = next((f.run for f in sampler.pieces if f.runs), 1)
+        # Each row's runs and whole parts, the outputs of the two cat ops.
+        self.parts = tuple((row[:r].view(-1, run), row[r:]) for row in self.rows)
+        self.sq2 = torch.zeros(2, p, device=dev)  # sums of squares per piece of both rows
+        self.sq1 = torch.zeros(p, device=dev)  # of one row
+        self.zeros2 = torch.zeros(2, n_layers, device=dev)
+        self.zeros1 = torch.zeros(n_layers, device=dev)
+        self.both_squares = sampler.squares(self.buf, self.sq2)
+        self.row_squares = tuple(sampler.squares(row, self.sq1) for row in self.rows)
 
 
 class InputScale:
@@ -710,31 +819,49 @@ class GradCarry:
     def __init__(self, layers: Sequence[Layer], device: torch.device, per_tensor: int = CARRY_SAMPLE) -> None:
         self.n = len(layers)
         self._sampler = _Sampler(layers, per_tensor, device)
-        # Weak references to last step's gradients. Python hands back the same reference object for the same
-        # live object, so "the same tensor" is "the same reference"; a dead one never equals a new one.
-        self._refs: list[weakref.ref[Tensor] | None] | None = None
+        #: Every watched parameter in layer order (each layer's ``params``): the order :meth:`observe` takes.
+        self.params: list[nn.Parameter] = [p for x in layers for p in x.params]
+        position = {id(p): j for j, p in enumerate(self.params)}
+        self._order = [position[id(p)] for p in self._sampler.params]  # the sampler's tensors, as positions here
+        sampled = {id(p) for p in self._sampler.params}  # empty tensors are not sampled, nor counted as carried
+        # The layer of each parameter, -1 for an empty one.
+        self._layer = [i if id(p) in sampled else -1 for i, x in enumerate(layers) for p in x.params]
+        # Weak references to last step's gradients, in layer order. Python hands back the same reference object for
+        # the same live object, and last step's references are alive (held here) while this step's are made, so
+        # "the same tensor" is "the same reference". A parameter without a gradient holds a placeholder, ``True``
+        # and ``False`` on alternate steps, so that two steps without one never look alike.
+        self._refs: list[weakref.ref[Tensor] | bool] | None = None
+        self._none = False
         self._kept = _Kept()  # carried gradients keep their storage: their sample views are kept too
         self._masks: dict[tuple[bool, ...], Tensor] = {}
 
-    def observe(self) -> GradSample | None:
-        """The sample when some layer's gradients are last step's tensors, else ``None``."""
-        grads = list(map(_GRAD, self._sampler.params))
+    def observe(self, grads: Sequence[Tensor | None] | None = None) -> GradSample | None:
+        """The sample when some layer's gradients are last step's tensors, else ``None``.
+
+        Args:
+            grads: the gradient (``.grad``) of every parameter in :attr:`params` order (``None`` where absent),
+                when the caller has read them already; ignored for DTensor parameters (gathered as local shards,
+                new objects every step), whose ``.grad`` is read here.
+        """
+        if grads is None or not self._sampler._plain or len(grads) != len(self.params):
+            grads = list(map(_GRAD, self.params))
         try:
-            refs: list[weakref.ref[Tensor] | None] = list(map(weakref.ref, grads))
+            refs: list[weakref.ref[Tensor] | bool] = list(map(weakref.ref, grads))  # type: ignore[arg-type]
         except TypeError:  # some parameter has no gradient
-            refs = [weakref.ref(g) if g is not None else None for g in grads]
+            self._none = none = not self._none
+            refs = [none if g is None else weakref.ref(g) for g in grads]
         last, self._refs = self._refs, refs
-        if last is None or not any(map(operator.is_, refs, last)):  # the usual case: every tensor is new
-            return None
+        if last is None or len(last) != len(refs) or not any(map(operator.is_, refs, last)):
+            return None  # the usual case: every tensor is new (or the first look)
         carried = [False] * self.n
         fresh = [False] * self.n
-        for f, r, was in zip(self._sampler.pieces, refs, last):
-            if r is None:
+        for i, r, was in zip(self._layer, refs, last):
+            if i < 0 or isinstance(r, bool):
                 continue
             if r is was:
-                carried[f.layer] = True
+                carried[i] = True
             else:
-                fresh[f.layer] = True
+                fresh[i] = True
         key = tuple(c and not f for c, f in zip(carried, fresh))
         if not any(key):
             return None
@@ -743,7 +870,8 @@ class GradCarry:
             if len(self._masks) >= 16:
                 self._masks.clear()
             mask = self._masks[key] = torch.tensor(key, dtype=torch.bool, device=self._sampler.device)
-        return GradSample(self._sampler.take(grads, self._kept), self._sampler.index, mask)
+        now = [grads[j] for j in self._order]
+        return GradSample(self._sampler.take(now, self._kept), self._sampler.index, mask)
 
 
 class ReachProbe:
@@ -764,6 +892,11 @@ class ReachProbe:
     def watched(self) -> tuple[int, ...]:
         """Indices of the probed layers."""
         return tuple(sorted(self._handles))
+
+    @property
+    def probing(self) -> bool:
+        """Whether some layer is probed."""
+        return bool(self._handles)
 
     def watch(self, indices: Sequence[int]) -> None:
         """Probe the layers at ``indices`` (already probed ones are kept)."""
@@ -938,7 +1071,9 @@ class Evidence:
         self._ratio: tuple[int, Tensor] | None = None  # measured, waiting for the next readout
         self._input: Tensor | None = None
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
-        self._optimized: tuple[tuple[int, int], Tensor | None] | None = None  # ((id, size) of optimizer, bool[L])
+        # (param_groups, (groups, parameters), bool[L] of the layers it holds, whether it holds only frozen ones)
+        self._held: tuple[list[dict[str, Any]], tuple[int, int], Tensor | None, bool] | None = None
+        self._measured = False  # whether this step's begin measured an update
         self._unreached_key: tuple[int, ...] = ()
         self._unreached: Tensor | None = None
         self._last = EvidenceSnapshot()
@@ -956,69 +1091,79 @@ class Evidence:
         # The input-scale hook stays where it was put at construction (the first weight layer in
         # registration order): moving a hook would make torch.compile recompile a compiled model.
 
-    def begin(self, host_step: int, loss: Tensor | None, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def begin(
+        self,
+        host_step: int,
+        loss: Tensor | None,
+        optimizer: torch.optim.Optimizer | None,
+        grads: Sequence[Tensor] | None = None,
+    ) -> dict[str, Any]:
         """This step's evidence, as :class:`~gradwatch.detectors.StepEvidence` fields (no host read).
 
         Args:
             host_step: this step's number.
             loss: this step's loss (float32 device scalar), when the loop gave one.
             optimizer: the optimizer stepping now, when known (else the last one seen).
+            grads: the ``.grad`` of every watched parameter in layer order (``None`` where absent), when the
+                caller has read them this step (:meth:`GradCarry.observe`): spares reading them again.
         """
         assert self.updates is not None and self.carry is not None and self.probe is not None
-        measured = self.updates.measure()
+        measured = self.updates.measure() if self.updates.pending else None
+        self._measured = measured is not None
         if measured is not None:
             self._ratio = measured
         if self.input is not None:
             x = self.input.take()
             if x is not None:
                 self._input = x
-        carried = self.carry.observe()
+        carried = self.carry.observe(grads)
         attention = self.attention.take() if self.attention is not None else None
         if loss is not None and self.loss is not None:
             self.loss.add(loss, host_step)
+        given = optimizer is not None
         if optimizer is not None:
             self._optimizer = weakref.ref(optimizer)
-        unreached = self.probe.unreached() if self.probe.watched else ()
+        elif self._optimizer is not None:
+            optimizer = self._optimizer()
+        mask, inert = self._held_by(optimizer) if optimizer is not None else (None, False)
         return {
-            "optimized": self._optimized_mask(optimizer),
-            "optimizer_inert": self._inert(optimizer),
+            "optimized": mask,
+            "optimizer_inert": inert and given,
             "carried": carried,
-            "unreached": self._unreached_mask(unreached),
+            "unreached": self._unreached_mask(self.probe.unreached()) if self.probe.probing else None,
             "update_ratio": measured[1] if measured is not None else None,
             "attention": attention,
         }
 
     def end(self, step: int, logging: bool) -> None:
-        """After the detectors: at a logging step, sample the weights the coming optimizer step changes."""
+        """After the detectors: at a logging step, sample the weights the coming optimizer step changes.
+
+        The weights are those :meth:`begin` sampled if it measured an update (nothing between the two moves
+        them): that sample is kept as it is.
+        """
         if logging and self.updates is not None:
-            self.updates.snapshot(step)
+            self.updates.snapshot(step, same_weights=self._measured)
+        self._measured = False
 
-    def _optimized_mask(self, optimizer: torch.optim.Optimizer | None) -> Tensor | None:
-        if optimizer is None:
-            opt = self._optimizer() if self._optimizer is not None else None
-            if opt is None:
-                return None
-            optimizer = opt
-        # Keyed by identity and size: a param group added later (add_param_group) changes the mask.
-        key = (id(optimizer), sum(len(g["params"]) for g in optimizer.param_groups))
-        if self._optimized is None or self._optimized[0] != key:
-            flags = optimized_layers(optimizer, self.layers)
-            mask = torch.tensor(flags, dtype=torch.bool, device=self.device) if flags else None
-            self._optimized = (key, mask)
-        return self._optimized[1]
+    def _held_by(self, optimizer: torch.optim.Optimizer) -> tuple[Tensor | None, bool]:
+        """bool[L]: the layers ``optimizer`` holds a parameter of, and whether it holds only frozen parameters.
 
-    def _inert(self, optimizer: torch.optim.Optimizer | None) -> bool:
-        if optimizer is None:
-            return False
-        key = (id(optimizer), sum(len(g["params"]) for g in optimizer.param_groups))
-        cached = getattr(self, "_inert_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        Made on the host when the optimizer or its param groups change (another optimizer, ``add_param_group``, a
+        group's parameters edited): kept against the ``param_groups`` list itself, its length and the number of
+        parameters in it.
+        """
+        groups = optimizer.param_groups
+        size = sum(len(g["params"]) for g in groups)
+        cached = self._held
+        if cached is not None and cached[0] is groups and cached[1] == (len(groups), size):
+            return cached[2], cached[3]
+        flags = optimized_layers(optimizer, self.layers)
+        mask = torch.tensor(flags, dtype=torch.bool, device=self.device) if flags else None
         held = {id(p) for x in self.layers for p in x.params}
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+        params = [p for g in groups for p in g["params"]]
         inert = bool(params) and not any(id(p) in held for p in params) and all(not p.requires_grad for p in params)
-        self._inert_cache = (key, inert)
-        return inert
+        self._held = (groups, (len(groups), size), mask, inert)
+        return mask, inert
 
     def _unreached_mask(self, unreached: tuple[int, ...]) -> Tensor | None:
         if not unreached:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gradwatch import evidence
 from gradwatch.evidence import GradCarry, UpdateTracker, _plan, _Sampler
 from gradwatch.layers import discover_layers
 
@@ -49,19 +50,26 @@ def _entries(shape: tuple[int, ...], per_tensor: int = 1024) -> list[int]:
 
 
 def _reference(tensors: list[torch.Tensor | None], params: list[nn.Parameter], per_tensor: int = 1024) -> torch.Tensor:
-    """float64: the tensors sampled by runs first, then those sampled whole, each in order (zeros for None)."""
-    runs, whole = [], []
+    """float64: the sampled entries of ``tensors`` (zeros for None), in the order of ``params`` (:func:`_params`)."""
+    out = []
     for t, p in zip(tensors, params):
         idx = _entries(tuple(p.shape), per_tensor)
-        v = torch.zeros(len(idx), dtype=torch.float64) if t is None else t.detach().reshape(-1).double()[idx]
-        (runs if p.numel() > per_tensor else whole).append(v)
-    return torch.cat(runs + whole)
+        out.append(torch.zeros(len(idx), dtype=torch.float64) if t is None else t.detach().reshape(-1).double()[idx])
+    return torch.cat(out)
 
 
-def _params(model: nn.Module, per_tensor: int = 1024) -> list[nn.Parameter]:
-    """Parameters in the samples' order: the ones sampled by runs first."""
+def _params(model: nn.Module, per_tensor: int = 1024, groups: int = 4) -> list[nn.Parameter]:
+    """Parameters in the samples' order: the ones sampled by runs first; then those sampled whole, the ``groups``
+    sizes with the most entries first (the smaller size first on a tie), one size after the other, then the rest;
+    each in parameter order."""
     ps = list(model.parameters())
-    return [p for p in ps if p.numel() > per_tensor] + [p for p in ps if p.numel() <= per_tensor]
+    whole = [p for p in ps if p.numel() <= per_tensor]
+    entries = collections.Counter()
+    for p in whole:
+        entries[p.numel()] += p.numel()
+    sizes = sorted(entries, key=lambda n: (-entries[n], n))[:groups]
+    ordered = [p for n in sizes for p in whole if p.numel() == n] + [p for p in whole if p.numel() not in sizes]
+    return [p for p in ps if p.numel() > per_tensor] + ordered
 
 
 def test_runs_are_spread_over_the_tensor_and_start_in_every_part_of_a_row():
@@ -95,7 +103,7 @@ def test_kept_views_follow_updates_and_are_remade_when_the_storage_changes():
     assert sampler.params == params
     first = sampler.weights()
     assert first.numel() == sampler.entries == 3 * 1024 + 100 + 700 + 7
-    assert sampler.index.tolist() == [0] * 1024 + [2] * 2048 + [0] * 100 + [1] * 707
+    assert sampler.index.tolist() == [0] * 1024 + [2] * 2048 + [1] * 700 + [0] * 100 + [1] * 7  # whole: by size
     assert torch.equal(first.double(), _reference(params, params))
     with torch.no_grad():
         model[0].weight.mul_(3.0)  # in place (the optimizer's way): the kept view sees it
@@ -110,8 +118,18 @@ def test_kept_views_follow_updates_and_are_remade_when_the_storage_changes():
     assert torch.equal(sampler.weights().double(), _reference(params, params))
 
 
+def _expected(after: torch.Tensor, before: torch.Tensor, owner: torch.Tensor, n: int) -> list[float]:
+    """float64 ratios ``||after - before|| / ||before||`` per layer over the sampled entries (NaN: zero weights)."""
+    out = []
+    for i in range(n):
+        w2 = float(before[owner == i].square().sum())
+        out.append(math.sqrt(float((after - before)[owner == i].square().sum()) / w2) if w2 else math.nan)
+    return out
+
+
+@pytest.mark.parametrize("groups", [4, 1], ids=["blocks", "blocks_and_rest"])
 @pytest.mark.parametrize("segmented", [True, False], ids=["segment_reduce", "index_add"])
-def test_update_ratio_matches_a_float64_reference_of_the_sampled_entries(segmented):
+def test_update_ratio_matches_a_float64_reference_of_the_sampled_entries(segmented, groups, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(300, 100),
@@ -122,25 +140,61 @@ def test_update_ratio_matches_a_float64_reference_of_the_sampled_entries(segment
         nn.Flatten(),
         nn.LayerNorm(512),
     )
+    monkeypatch.setattr(evidence, "SIZE_GROUPS", groups)
     tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
     tracker._sampler.segmented = segmented
-    params = _params(model)
+    sampler = tracker._sampler
+    params = _params(model, groups=groups)
+    assert sampler.params == params
     layer = {id(p): i for i, m in enumerate((model[0], model[2], model[4], model[6])) for p in m.parameters()}
-    before = [p.detach().double().clone() for p in params]
+    owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
+    assert torch.equal(sampler.index, owner)
+    # 3 weights by runs; whole: 512 (3 tensors), then 100 and 48 as blocks of their own, or in the rest
+    blocks = [(3, 1024), (3, 512), (1, 100), (1, 48)] if groups > 1 else [(3, 1024), (3, 512)]
+    assert [(b.count, b.size) for b in sampler.blocks] == blocks
+    assert sampler.rest == ((sampler.entries, 8) if groups > 1 else (3 * 1024 + 3 * 512, 6))
+    before = _reference(params, params)
     tracker.snapshot(step=7)
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     model(torch.randn(32, 300)).square().mean().backward()
     opt.step()
     step, ratio = tracker.measure()
-    a, b = _reference(params, params), _reference(before, params)
-    owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
-    expected = [
-        math.sqrt(float((a - b)[owner == i].square().sum()) / float(b[owner == i].square().sum())) for i in range(4)
-    ]
     assert step == 7 and ratio.dtype == torch.float32
-    assert ratio.tolist() == pytest.approx(expected, rel=1e-5)
+    assert ratio.tolist() == pytest.approx(_expected(_reference(params, params), before, owner, 4), rel=1e-5)
     assert tracker.measure() is None  # one measure per snapshot
-    assert tracker.memory_bytes == (3 * 1024 + 100 + 48 + 512 + 512 + 512) * (8 if segmented else 16)
+    rest = 0 if segmented or groups > 1 else 8 * (100 + 48)  # the rest's piece of each entry, without segment_reduce
+    assert tracker.memory_bytes == (3 * 1024 + 100 + 48 + 512 + 512 + 512) * 8 + rest
+
+
+def test_a_snapshot_of_the_weights_the_measure_just_sampled_keeps_that_sample():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 100), nn.Tanh(), nn.Linear(100, 10), nn.LayerNorm(10))
+    tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+    params = _params(model)
+    layer = {id(p): i for i, m in enumerate((model[0], model[2], model[3])) for p in m.parameters()}
+    owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    tracker.snapshot(step=0)
+    for step in range(1, 5):  # log_every=1: a measure, then at once the snapshot of the same weights
+        before = _reference(params, params)
+        model(torch.randn(16, 300)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with _Ops() as ops:
+            measured, ratio = tracker.measure()
+        assert measured == step - 1
+        assert ratio.tolist() == pytest.approx(_expected(_reference(params, params), before, owner, 3), rel=1e-5)
+        with _Ops() as snap:
+            tracker.snapshot(step, same_weights=True)
+        assert dict(snap.ops) == {}  # the measure's sample and sums, as they are
+        assert ops.ops["cat"] == 2
+    tracker.snapshot(9, same_weights=True)  # no measure since: sampled afresh
+    assert tracker._after is None
+    before = _reference(params, params)
+    with torch.no_grad():
+        model[0].weight.mul_(1.1)
+    _, ratio = tracker.measure()
+    assert ratio.tolist() == pytest.approx(_expected(_reference(params, params), before, owner, 3), rel=1e-5)
 
 
 def test_a_half_precision_model_is_sampled_into_float32_and_moved_weights_are_followed():
@@ -196,13 +250,15 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
         tracker.measure()
         with _Ops() as snap:
             tracker.snapshot(step=10)
-        assert dict(snap.ops) == {"cat": 2}, depth  # the runs, the whole tensors: into the kept buffer
+        # the runs and the whole tensors into the kept buffer; a norm per block (weights by runs, biases), squared,
+        # summed per layer
+        assert dict(snap.ops) == {"cat": 2, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1}, depth
         assert tracker._buf is not None and tracker.pending
-        before = tracker._buf[2][1].clone()
+        before = tracker._buf.rows[tracker._before].clone()
         with torch.no_grad():
             model[0].weight.add_(1.0)
         assert not torch.equal(before.double(), _reference(_params(model), _params(model)))  # a copy, not a view
-        assert torch.equal(tracker._buf[2][1], before)
+        assert torch.equal(tracker._buf.rows[tracker._before], before)
         with _Ops() as meas:
             tracker.measure()
         seen.append(dict(meas.ops))
@@ -212,9 +268,8 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
         == {
             "cat": 2,
             "sub_": 1,
+            "linalg_vector_norm": 2,
             "pow_": 1,
-            "segment_reduce": 1,
-            "view": 1,
             "index_add": 1,
             "unbind": 1,
             "div_": 1,
@@ -223,6 +278,32 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
             "masked_fill_": 1,
         }
     )
+
+
+def test_the_sizes_beyond_the_blocks_take_one_segment_reduction_whatever_their_number():
+    seen = []
+    for depth in (8, 40):
+        widths = [40 + i for i in range(depth + 1)]  # weights by runs; a bias size per layer
+        model = nn.Sequential(*[nn.Linear(widths[i], widths[i + 1]) for i in range(depth)])
+        tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+        assert len(tracker._sampler.blocks) == 1 + 4  # the weights by runs; the 4 sizes with the most entries
+        params = _params(model)
+        layer = {id(p): i for i, m in enumerate(model) for p in m.parameters()}
+        owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
+        tracker.snapshot(step=0)
+        tracker.measure()
+        before = _reference(params, params)
+        tracker.snapshot(step=1)
+        with torch.no_grad():
+            for i, m in enumerate(model):
+                m.bias.mul_(1 + 0.01 * i)
+                m.weight.add_(0.001 * i)
+        with _Ops() as meas:
+            _, ratio = tracker.measure()
+        assert ratio.tolist() == pytest.approx(_expected(_reference(params, params), before, owner, depth), rel=1e-5)
+        seen.append(dict(meas.ops))
+    assert seen[0] == seen[1]
+    assert seen[0]["linalg_vector_norm"] == 5 and seen[0]["segment_reduce"] == 1
 
 
 def test_carried_gradients_are_sampled_by_runs_from_kept_views():
@@ -237,9 +318,10 @@ def test_carried_gradients_are_sampled_by_runs_from_kept_views():
     sample = carry.observe()
     assert sample is not None and sample.carried.tolist() == [True, True, False]
     grads = [p.grad for p in params]
-    assert grads[-1] is None and grads[-2] is None
+    assert [p is model[2].weight or p is model[2].bias for p in params] == [False] * 3 + [True, False, True]
+    assert grads[-1] is None and grads[-3] is None
     assert torch.equal(sample.values.double(), _reference(grads, params, 256))
-    assert sample.layer.tolist() == [0] * 256 + [1] * 256 + [0] * 64 + [1] * 8 + [2] * 72
+    assert sample.layer.tolist() == [0] * 256 + [1] * 256 + [0] * 64 + [2] * 64 + [1] * 8 + [2] * 8
     model[:2](x).sum().backward()
     again = carry.observe()  # the kept views follow the accumulation
     assert again is not None and torch.equal(again.values.double(), _reference([p.grad for p in params], params, 256))
@@ -248,3 +330,81 @@ def test_carried_gradients_are_sampled_by_runs_from_kept_views():
     model.zero_grad(set_to_none=True)
     model(x).sum().backward()
     assert carry.observe() is None  # new tensors: nothing carried
+
+
+def test_carried_gradients_are_found_from_the_gradients_the_caller_read():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8), nn.Linear(8, 8))
+    carry = GradCarry(discover_layers(model, "module"), torch.device("cpu"))
+    assert carry.params == list(model.parameters())  # layer order: what the caller hands over
+    x = torch.randn(5, 64)
+
+    def grads() -> list[torch.Tensor | None]:
+        return [p.grad for p in model.parameters()]
+
+    model[:2](x).sum().backward()  # the last layer has no gradient, at every step
+    assert carry.observe(grads()) is None  # first look
+    model.zero_grad(set_to_none=True)
+    model[:2](x).sum().backward()
+    with _Ops() as ops:
+        assert carry.observe(grads()) is None  # new tensors; two steps without a gradient are not alike
+    assert not ops.ops
+    model[0].zero_grad(set_to_none=True)  # layer 0 zeroed, layer 1 carried
+    model[:2](x).sum().backward()
+    sample = carry.observe(grads())
+    assert sample is not None and sample.carried.tolist() == [False, True, False]
+    params = _params(model, 256)
+    assert torch.equal(sample.values.double(), _reference([p.grad for p in params], params, 256))
+    model[2](torch.randn(3, 8)).sum().backward()  # a gradient appears: new, not carried
+    model[0].zero_grad(set_to_none=True)
+    model[:2](x).sum().backward()
+    sample = carry.observe(grads())
+    assert sample is not None and sample.carried.tolist() == [False, True, False]
+    assert carry.observe(grads()[:-1]) is not None  # a list of another length is not taken: .grad read here
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert carry.observe(grads()) is None
+
+
+def test_evidence_at_every_step_measures_each_update_and_caches_the_optimizer_masks():
+    from gradwatch.evidence import Evidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 100), nn.Tanh(), nn.Linear(100, 10))
+    layers = discover_layers(model, "module")
+    ev = Evidence(model, layers, lambda: False)
+    ev.bind(layers, torch.device("cpu"))
+    opt = torch.optim.SGD([model[0].weight, model[0].bias], lr=0.1)
+    params = _params(model)
+    first = {id(p) for p in model[0].parameters()}
+    owner = torch.tensor([0 if id(p) in first else 1 for p in params for _ in _entries(tuple(p.shape))])
+    before = None
+    for step in range(4):  # log_every=1: begin measures the last update, end keeps the sample begin took
+        model(torch.randn(8, 300)).square().mean().backward()
+        grads = [p.grad for p in model.parameters()]
+        with _Ops() as ops:
+            out = ev.begin(step, None, opt, grads)
+        if before is None:
+            assert out["update_ratio"] is None and dict(ops.ops) == {"lift_fresh": 1}  # the mask, made once
+        else:
+            expected = _expected(_reference(params, params), before, owner, 2)
+            assert expected[1] == 0.0  # the second layer is not the optimizer's
+            assert out["update_ratio"].tolist() == pytest.approx(expected, rel=1e-5)
+        assert out["optimized"].tolist() == [True, False] and out["optimizer_inert"] is False
+        assert out["carried"] is None and out["unreached"] is None
+        with _Ops() as ops:
+            ev.end(step, logging=True)
+        assert not ops.ops or before is None  # after a measure: its sample, no op
+        before = _reference(params, params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+    mask = out["optimized"]
+    assert ev.begin(4, None, opt)["update_ratio"] is not None
+    ev.end(4, logging=False)
+    with _Ops() as ops:  # a non-logging step with nothing to measure: host work only
+        out = ev.begin(5, None, opt, [p.grad for p in model.parameters()])
+    assert not ops.ops and out["optimized"] is mask and out["update_ratio"] is None  # kept while the groups stay
+    opt.add_param_group({"params": [model[2].weight]})
+    assert ev.begin(6, None, opt)["optimized"].tolist() == [True, True]
+    assert ev.begin(7, None, None)["optimized"].tolist() == [True, True]  # the last optimizer seen
