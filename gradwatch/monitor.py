@@ -451,8 +451,8 @@ class GradWatch:
                            any_nonfinite=torch.zeros_like(stats.any_nonfinite))
         loss_t = self._loss_tensor(loss)
         ev = StepEvidence(
-            stats=seen, step=self._step_t, activations=acts, times=times,
-            loss=loss_t, logging=logging_step, **self._evidence.begin(step, loss_t, optimizer),
+            stats=seen, step=self._step_t, activations=acts, times=times, loss=loss_t, logging=logging_step,
+            **self._evidence.begin(step, loss_t, optimizer, grads=gathered.grads_all),
         )
         for d in self.detectors:
             d.update(ev)

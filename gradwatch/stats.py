@@ -49,6 +49,9 @@ class Gathered:
     # Per group: the layer index of each tensor, on the host (local shards are new objects each
     # step, so strategies that single out layers match on these, not on tensor identity).
     layer_ids: list[list[int]] = field(default_factory=list)
+    # Every watched parameter's ``.grad`` as read by the gather (layer order, ``None`` where absent):
+    # the evidence's carried-gradient check reuses it instead of reading every ``.grad`` again.
+    grads_all: list[Tensor | None] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -194,6 +197,7 @@ class StatsCollector:
             grads=groups[0][0] if len(groups) == 1 else [g for grads, _, _ in groups for g in grads],
             reduce_keys=keys,
             layer_ids=layer_ids,
+            grads_all=grads_all,
         )
 
     def _present_host(self, key: tuple[bool, ...]) -> list[bool]:
