@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import GradWindow, WindowedChecks, fmt, grad_window
+from gradwatch.detectors._common import FigureRows, GradWindow, WindowedChecks, fmt, grad_window
 from gradwatch.detectors.base import (
     TINY,
     DetectorContext,
@@ -151,16 +151,14 @@ class Vanishing(WindowedChecks):
         self._depth_at = _f32(math.log(self.depth_ratio))
         self._dying_at = _f32(0.5 * math.log(self.depth_ratio))
         self._host = _HostChecks(2)  # depth, dying
-        self._figures: list[Tensor] = []  # per fold: float32[T, 5], the model-wide figures of its steps
-        self._figure_steps: list[int] = []  # their step numbers (host ints), not read out yet
-        self._read_steps: list[int] = []  # the step numbers of the figures read out, not collected yet
+        self._figures = FigureRows()  # per step: depth log ratio and ratio, a ratio check held, dying log gain, gain
         self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
         if self.state.bound:  # bound again (a new monitor): the host state starts over too
             self._host.reset()
         super().bind(ctx)
-        self._figures, self._figure_steps, self._read_steps = [], [], []
+        self._figures = FigureRows()
         self._nan = torch.full((1,), math.nan, device=ctx.device)
         self._profile = DepthProfile(ctx)
         self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
@@ -215,17 +213,15 @@ class Vanishing(WindowedChecks):
         low = ratio < self._low_at
         # The model-wide checks' figures, to the host: the depth profile's log and ratio, whether a layer's
         # ratio check held, the dying ReLUs' log gain and gain.
-        self._figures.append(torch.stack([log_r, depth_value, *self._dying(rows, low)], -1))
-        self._figure_steps.extend(ev.stats.step for ev in rows)
+        figures = torch.stack([log_r, depth_value, *self._dying(rows, low)], -1)
+        self._figures.add(figures, [ev.stats.step for ev in rows])
         return [zero, low], [win.grad_sq, ratio]
 
     def readout(self) -> dict[str, Tensor]:
         out = super().readout()  # folds the recorded steps
-        if self._figures:
-            figures = self._figures[0] if len(self._figures) == 1 else torch.cat(self._figures)
-            out["figures"] = figures.reshape(-1)
-            self._read_steps += self._figure_steps
-            self._figures, self._figure_steps = [], []
+        figures = self._figures.readout()
+        if figures is not None:
+            out["figures"] = figures
         return out
 
     def _run(self, steps: list[int], figures: list[float]) -> None:
@@ -244,9 +240,9 @@ class Vanishing(WindowedChecks):
         if not self.state.bound:
             return {} if self._loaded is None else dict(self._loaded)
         self.fold()
-        if self._figures:  # figures not read back yet: one host read, and the host folds them now
-            self._run(self._figure_steps, torch.cat(self._figures).reshape(-1).tolist())
-            self._figures, self._figure_steps = [], []
+        pending = self._figures.take_pending()  # figures not read back yet: one host read, folded now
+        if pending is not None:
+            self._run(*pending)
         dev = self.state.state_dict()["checks"]
         return {"checks": {k: self._host.side_by_side(k, dev[k]) for k in ("streak", "fired_step", "fired_value")}}
 
@@ -265,8 +261,7 @@ class Vanishing(WindowedChecks):
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
         if "figures" in values:
-            self._run(self._read_steps, values["figures"])
-            self._read_steps = []
+            self._run(self._figures.read_steps(), values["figures"])
         names = self.ctx.names
         host = self._host.fired()
         fired = {**self.fired_by_source(values), "depth": host[0], "dying": host[1]}
@@ -539,9 +534,7 @@ class Exploding(WindowedChecks):
             raise ValueError(f"`growth` must be > 1; got {growth!r}")
         self.growth_warmup = check_int("growth_warmup", growth_warmup, 1)
         self._host = _ModelWide(self)
-        self._figures: list[Tensor] = []  # per fold: float32[T, 4], the model-wide figures of its steps
-        self._figure_steps: list[int] = []  # their step numbers (host ints), not read out yet
-        self._read_steps: list[int] = []  # the step numbers of the figures read out, not collected yet
+        self._figures = FigureRows()  # per step: total norm, total weight norm, depth log ratio, a ratio held
         self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
@@ -553,7 +546,7 @@ class Exploding(WindowedChecks):
         self._imm: list[Tensor] | None = None
         self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
         self._nan = torch.full((1,), math.nan, device=ctx.device)
-        self._figures, self._figure_steps, self._read_steps = [], [], []
+        self._figures = FigureRows()
         if self._loaded is not None:
             self._load(self._loaded)
             self._loaded = None
@@ -569,8 +562,8 @@ class Exploding(WindowedChecks):
         # Total weight norm over the present layers (NaN: no weight norm known yet).
         pn = win.only_present(param_norm).square().sum(-1).sqrt().expand(n)
         log_r = self._profile.log_ratio(rows, win) if self._profile.enabled else self._nan.expand(n)
-        self._figures.append(torch.stack([win.total, pn, log_r, high.any(-1)], -1))  # the bool promotes to float
-        self._figure_steps.extend(ev.stats.step for ev in rows)
+        # (the bool promotes to float)
+        self._figures.add(torch.stack([win.total, pn, log_r, high.any(-1)], -1), [ev.stats.step for ev in rows])
         return [high], [ratio]
 
     def immediates(self, steps: int) -> list[Tensor] | None:
@@ -579,11 +572,9 @@ class Exploding(WindowedChecks):
 
     def readout(self) -> dict[str, Tensor]:
         out = super().readout()  # folds the recorded steps
-        if self._figures:
-            figures = self._figures[0] if len(self._figures) == 1 else torch.cat(self._figures)
-            out["figures"] = figures.reshape(-1)
-            self._read_steps += self._figure_steps
-            self._figures, self._figure_steps = [], []
+        figures = self._figures.readout()
+        if figures is not None:
+            out["figures"] = figures
         return out
 
     # -- checkpoints: every check's entries side by side, in ``layout`` order, as one stacked persistence
@@ -591,10 +582,9 @@ class Exploding(WindowedChecks):
         if not self.state.bound:
             return {} if self._loaded is None else dict(self._loaded)
         self.fold()
-        if self._figures:  # figures not read back yet: one host read, and the host folds them now
-            figures = torch.cat(self._figures).reshape(-1).tolist()
-            self._host.run(self._figure_steps, figures)
-            self._figures, self._figure_steps = [], []
+        pending = self._figures.take_pending()  # figures not read back yet: one host read, folded now
+        if pending is not None:
+            self._host.run(*pending)
         dev = self.state.state_dict()["checks"]
         h = self._host
         on = dev["streak"].device
@@ -633,8 +623,7 @@ class Exploding(WindowedChecks):
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
         if "figures" in values:
-            self._host.run(self._read_steps, values["figures"])
-            self._read_steps = []
+            self._host.run(self._figures.read_steps(), values["figures"])
         names = self.ctx.names
         fired = {**self.fired_by_source(values), **self._host.fired()}
         out: list[Finding] = []
