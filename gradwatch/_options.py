@@ -77,6 +77,7 @@ class MonitorOptions:
     sinks: list[Sink] | None = None
     log_every: int = 10
     grad_max_every: int = 100
+    param_norm_every: int = 10
     granularity: str = "module"
     track_activations: bool = False
     track_time: bool | None = None
@@ -111,6 +112,7 @@ class MonitorOptions:
         check_choice("granularity", o.granularity, GRANULARITIES)
         check_int("log_every", o.log_every, 1)
         check_int("grad_max_every", o.grad_max_every, 1)
+        check_int("param_norm_every", o.param_norm_every, 1)
         check_int("history_size", o.history_size, 1)
         check_int("max_alerts", o.max_alerts, 1)
         check_int("remind_every", o.remind_every, 1)

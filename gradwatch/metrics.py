@@ -24,7 +24,8 @@ class StepTensors:
     """The device tensors a logging step reports, besides the detectors' readouts.
 
     Attributes:
-        stats: the step's statistics (full: ``param_norm`` present; ``grad_max`` every ``grad_max_every`` steps).
+        stats: a logging step's statistics (``param_norm`` every ``param_norm_every`` steps, ``grad_max``
+            every ``grad_max_every`` steps).
         nonfinite_counts: non-finite entries per layer, when known on the device (skip/raise path).
         clip_threshold, clip_coef, clipped_norm: the clipper's figures, when clipping.
         amp: ``{"scale": ..., "overflow_steps": ...}`` from the AMP watch, when a scaler is known.
@@ -49,9 +50,10 @@ class StepTensors:
 def register_metrics(out: Readout, t: StepTensors) -> None:
     """Add every tensor of ``t`` to ``out`` under its name (prefix ``"m/"``)."""
     s = t.stats
-    assert s.param_norm is not None, "metrics are read on full (logging) steps"
+    assert s.full, "metrics are read on full (logging) steps"
     out.add("m/grad_norm", s.grad_norm)
-    out.add("m/param_norm", s.param_norm)
+    if s.param_norm is not None:  # every ``param_norm_every`` steps
+        out.add("m/param_norm", s.param_norm)
     if s.grad_max is not None:  # every ``grad_max_every`` steps
         out.add("m/grad_max", s.grad_max)
     out.add("m/total", s.total_norm)
@@ -106,7 +108,8 @@ def decode_metrics(
     """
     key = schema.metric_key
     names = tuple(layers)
-    gn, pn = values["m/grad_norm"], values["m/param_norm"]
+    gn = values["m/grad_norm"]
+    pn = values["m/param_norm"] if "m/param_norm" in values else None  # every ``param_norm_every`` steps
     gmax = values["m/grad_max"] if "m/grad_max" in values else None  # every ``grad_max_every`` steps
     m: dict[str, float] = {schema.GRAD_NORM_TOTAL: values.scalar("m/total")}
     for i, k in enumerate(_layer_keys(schema.GRAD_NORM, names)):
@@ -117,8 +120,9 @@ def decode_metrics(
         if present[i]:
             if gmax is not None:
                 m[max_keys[i]] = gmax[i]
-            m[norm_keys[i]] = pn[i]
-            m[ratio_key] = _ratio(gn[i], pn[i])
+            if pn is not None:
+                m[norm_keys[i]] = pn[i]
+                m[ratio_key] = _ratio(gn[i], pn[i])
     counts = values["m/nonfinite"] if "m/nonfinite" in values else nonfinite_counts
     m[schema.NONFINITE_TOTAL] = float(sum(counts)) if counts is not None else 0.0
     if counts is not None:

@@ -10,6 +10,7 @@ the lifecycle (hooks, binding, checkpoints) and the order of the trip.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,6 +41,13 @@ from gradwatch.sinks.console import Console
 from gradwatch.skip import DEVICE, HOST, DeviceSkip, drop_grads_, supports_device_skip
 from gradwatch.stats import Gathered, GradStats, StatsCollector, total_norm
 from gradwatch.temporal import RECURRENT_TYPES, TimeProfile, TimeProfiler
+
+# Between weight reads (``param_norm_every``) a total gradient norm that moved by more than this factor
+# since the last read has the weights read again at the next logging step. A healthy step changes the
+# total gradient norm by well under 2x (spikes aside); an update follows its gradient, so gradients
+# 2x larger move the weights 2x further per step, the regime where the last norms known stop being a
+# safe scale for the detectors' gradient-to-weight ratios.
+WEIGHT_REREAD_FACTOR = 2.0
 
 log = logging.getLogger("gradwatch")
 
@@ -104,6 +112,14 @@ class GradWatch:
             pass costs (on a GPU microseconds; on a CPU ~7% of a training step, more than all
             else gradwatch does), and max |g| is a figure to read, not an input of the default
             detectors. ``1``: on every logging step.
+        param_norm_every: period in steps of the weight norms (``param_norm/…`` and
+            ``grad_to_param/…``): they are read on the first logging step at or after each multiple
+            of ``param_norm_every`` (step 0 included) and left out of the other logging steps'
+            records, never carried stale into a record. At the default ``log_every=10`` that is
+            every logging step; with ``log_every=1`` every tenth step, the same age the weight norms
+            the detectors relate gradients to have at the default (weights move slowly: a healthy
+            step changes them by ~0.1%). Reading the weights costs what the gradient-norm pass
+            costs (on a CPU ~5% of a training step of a large MLP). ``1``: on every logging step.
         granularity: ``"module"`` (each module owning parameters) or ``"parameter"``.
         track_activations: hook ReLU/sigmoid/tanh modules to detect dead and saturated units.
         track_time: profile the input gradient of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` modules per time
@@ -147,6 +163,7 @@ class GradWatch:
         sinks: Sink | Sequence[Sink] | None = None,
         log_every: int = 10,
         grad_max_every: int = 100,
+        param_norm_every: int = 10,
         granularity: str = "module",
         track_activations: bool = False,
         track_time: bool | None = None,
@@ -159,7 +176,8 @@ class GradWatch:
             raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
         opts = MonitorOptions.check(
             detectors=detectors, clip=clip, on_nonfinite=on_nonfinite, on_alert=on_alert, sinks=sinks,
-            log_every=log_every, grad_max_every=grad_max_every, granularity=granularity,
+            log_every=log_every, grad_max_every=grad_max_every, param_norm_every=param_norm_every,
+            granularity=granularity,
             track_activations=track_activations,
             track_time=track_time, scaler=scaler, history_size=history_size, max_alerts=max_alerts,
             remind_every=remind_every,
@@ -174,6 +192,9 @@ class GradWatch:
         self.log_every = opts.log_every
         self.grad_max_every = opts.grad_max_every
         self._max_block: int | None = None  # step // grad_max_every of the last step that computed max |g|
+        self.param_norm_every = opts.param_norm_every
+        self._norm_block: int | None = None  # step // param_norm_every of the last step that read the weights
+        self._norm_total = math.nan  # the total gradient norm at the last step that read the weights
         self.clip = opts.clip
         self.on_nonfinite = opts.on_nonfinite
         self.on_alert = opts.on_alert
@@ -406,7 +427,7 @@ class GradWatch:
     def __repr__(self) -> str:
         return (
             f"GradWatch({type(self.model).__name__}, layers={len(self._layers)}, log_every={self.log_every}, "
-            f"grad_max_every={self.grad_max_every}, "
+            f"grad_max_every={self.grad_max_every}, param_norm_every={self.param_norm_every}, "
             f"clip={self.clip!r}, on_nonfinite={self.on_nonfinite!r})"
         )
 
@@ -432,7 +453,9 @@ class GradWatch:
         logging_step = step % self.log_every == 0
         inv_scale = self._amp.inv_scale(optimizer) if self._amp is not None else None
         stats = self._collector.compute(
-            gathered, step, full=logging_step, inv_scale=inv_scale, grad_max=logging_step and self._grad_max_due(step)
+            gathered, step, full=logging_step, inv_scale=inv_scale,
+            grad_max=logging_step and self._grad_max_due(step),
+            param_norm=logging_step and self._param_norm_due(step),
         )
         acts = self._tracker.take() if self._tracker is not None else None
         times = self._time.take() if self._time is not None and self._time.names else None
@@ -514,6 +537,31 @@ class GradWatch:
         self._max_block = block
         return True
 
+    def _param_norm_due(self, step: int) -> bool:
+        """Whether this logging step reads the weights for their norms (see ``param_norm_every``)."""
+        block = step // self.param_norm_every
+        if block == self._norm_block:
+            return False
+        self._norm_block = block
+        return True
+
+    def _watch_weight_age(self, stats: GradStats, total: float) -> None:
+        """Read the weights again at the next logging step once the gradients have moved fast.
+
+        Between weight reads the detectors relate gradients to the last weight norms known. That is
+        sound while updates are small; an update follows its gradient, so once the total gradient norm
+        is more than :data:`WEIGHT_REREAD_FACTOR` times (or less than its inverse) what it was at the
+        last read, or not finite, the weights may have moved as much and are read at the next logging
+        step whatever ``param_norm_every`` says.
+        """
+        if stats.param_norm is not None:
+            self._norm_total = total
+            return
+        ref = self._norm_total
+        steady = total == ref or (ref > 0 and 1 / WEIGHT_REREAD_FACTOR <= total / ref <= WEIGHT_REREAD_FACTOR)
+        if not steady:  # NaN compares False: non-finite gradients have the weights read too
+            self._norm_block = None
+
     def _read(
         self,
         stats: GradStats,
@@ -543,6 +591,7 @@ class GradWatch:
         self._register_watchers(out)
         out.add_all("ev/", self._evidence.readout())
         values = out.read()
+        self._watch_weight_age(stats, values.scalar("m/total"))
         exact: list[float] | None = None
         if counts is None and not all(v == v and abs(v) != float("inf") for v in values["m/grad_norm"]):
             # Rare path (non-finite values, flag not read before): one more read for exact counts.
@@ -554,7 +603,8 @@ class GradWatch:
         )
         ev_values = values.scope("ev/")
         m.update(self._evidence.absorb(
-            ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host, param_norm=values["m/param_norm"]
+            ev_values, grad_norm=values["m/grad_norm"], present=stats.present_host,
+            param_norm=values["m/param_norm"] if "m/param_norm" in values else None,
         ))
         findings = self._evidence.relate(self._collect_findings(values))
         if is_rank_zero():
@@ -717,6 +767,7 @@ class GradWatch:
                     "granularity": self.granularity,
                     "log_every": self.log_every,
                     "grad_max_every": self.grad_max_every,
+                    "param_norm_every": self.param_norm_every,
                     "clip": repr(self.clip) if self.clip is not None else None,
                     "model": type(self.model).__name__,
                     "on_nonfinite": self.on_nonfinite,

@@ -69,9 +69,10 @@ class GradStats:
     """Per-layer statistics of one step, as device tensors (float32, length = number of layers).
 
     Layers without a gradient this step have ``present`` False and zeros elsewhere.
-    ``param_norm`` is filled on full (logging) steps only; the detectors use the last
-    ``param_norm`` known, since weights move slowly. ``grad_max`` is filled on the full steps
-    that ask for it (every ``grad_max_every`` steps).
+    ``param_norm`` is filled on the full (logging) steps that ask for it (every
+    ``param_norm_every`` steps); the detectors use the last ``param_norm`` known, since weights
+    move slowly. ``grad_max`` is filled on the full steps that ask for it (every ``grad_max_every``
+    steps).
     """
 
     step: int
@@ -86,11 +87,12 @@ class GradStats:
     param_norm: Tensor | None = None
     inv_scale: Tensor | None = None  # 1/scale when the gradients are still AMP-scaled (statistics are unscaled)
     agreed: bool = False  # any_nonfinite was all-reduced with the statistics: the same on every rank
+    logging: bool = False  # computed for a logging step (``param_norm``/``grad_max`` where due)
 
     @property
     def full(self) -> bool:
-        """Whether the logging-step statistics (parameter norms) are present."""
-        return self.param_norm is not None
+        """Whether these are a logging step's statistics (parameter norms present or not due)."""
+        return self.logging or self.param_norm is not None
 
 
 def _keys(gathered: Gathered) -> list[ReduceKey]:
@@ -280,15 +282,18 @@ class StatsCollector:
         full: bool,
         inv_scale: Tensor | None = None,
         grad_max: bool = True,
+        param_norm: bool = True,
     ) -> GradStats:
         """Compute the statistics of the gathered gradients.
 
         Args:
             gathered: from :meth:`gather`.
             step: the optimizer step these gradients belong to.
-            full: also compute the parameter norms (logging steps), and max |g| with ``grad_max``.
+            full: a logging step: also compute max |g| with ``grad_max`` and the parameter norms
+                with ``param_norm``.
             inv_scale: multiply gradient statistics by this (AMP gradients not yet unscaled).
             grad_max: on a full step, also compute max |g| (one more pass over the gradients).
+            param_norm: on a full step, also compute the parameter norms (one pass over the weights).
         """
         with torch.no_grad():
             grad_sq, flag = self._per_layer(gathered, "grad", 2.0, flag=True)
@@ -308,6 +313,7 @@ class StatsCollector:
                 nonfinite=nonfinite,
                 any_nonfinite=(total_sq < math.inf).logical_not_(),
                 inv_scale=inv_scale,
+                logging=full,
             )
             if flag is not None:
                 # A non-finite unsharded gradient on any rank, or a non-finite global sum.
@@ -318,7 +324,7 @@ class StatsCollector:
                 if inv_scale is not None:
                     gmax = gmax * inv_scale.to(self.device, torch.float32)
                 stats.grad_max = gmax
-            if full:
+            if full and param_norm:
                 stats.param_norm = self._per_layer(gathered, "param", 2.0)[0].sqrt()
         return stats
 

@@ -47,7 +47,7 @@ def run(
     """bf16 autocast + GradScaler("cpu") training; returns (monitor, unscaled norms per iteration, scaler, model)."""
     model, opt, data = setup()
     scaler = torch.amp.GradScaler("cpu", growth_interval=growth_interval)
-    kw = {"sinks": [], "log_every": 1, "grad_max_every": 1, "on_alert": on_alert, "clip": clip,
+    kw = {"sinks": [], "log_every": 1, "grad_max_every": 1, "param_norm_every": 1, "on_alert": on_alert, "clip": clip,
           "scaler": scaler if pass_scaler else None}
     mon = gw.watch(model, opt, **kw) if mode == "attach" else gw.GradWatch(model, **kw)
     true = []

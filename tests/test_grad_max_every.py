@@ -2,7 +2,8 @@
 
 The records carry ``grad_max/<layer>`` on the first logging step at or after each multiple of
 ``grad_max_every`` and leave the key out elsewhere (never a stale value); ``param_norm`` and
-``grad_to_param`` stay on every logging step. Values against a float64 reference.
+``grad_to_param`` follow their own period (``param_norm_every``, tests/test_param_norm_every.py).
+Values against a float64 reference.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def _train(steps: int, **kw):
     ],
 )
 def test_grad_max_on_its_period_and_exact(log_every, grad_max_every, steps, with_max):
-    monitor, ref = _train(steps, log_every=log_every, grad_max_every=grad_max_every)
+    monitor, ref = _train(steps, log_every=log_every, grad_max_every=grad_max_every, param_norm_every=1)
     history = list(monitor.history)
     assert [int(h["step"]) for h in history] == list(range(0, steps, log_every))
     assert [int(h["step"]) for h in history if "grad_max/0" in h] == with_max
     for h in history:
         s = int(h["step"])
         assert ("grad_max/2" in h) == (s in with_max)
-        # Parameter norms (and the gradient-to-weight ratio) are on every logging step.
+        # Parameter norms (and the gradient-to-weight ratio) on every logging step with param_norm_every=1.
         assert h["param_norm/0"] > 0 and h["grad_to_param/2"] == pytest.approx(h["grad_norm/2"] / h["param_norm/2"])
         if s in with_max:
             for layer in ("0", "2"):

@@ -36,7 +36,7 @@ def f32(x: float) -> float:
 def test_scalars_alerts_and_histograms(tmp_path):
     model = sigmoid_stack()
     sink = gw.sinks.TensorBoard(tmp_path / "tb", histograms=True, histogram_every=2)
-    monitor = gw.GradWatch(model, sinks=[sink], log_every=1, grad_max_every=1, on_alert="ignore")
+    monitor = gw.GradWatch(model, sinks=[sink], log_every=1, grad_max_every=1, param_norm_every=1, on_alert="ignore")
     train_plain(monitor, model, steps=5)
     monitor.close()
 

@@ -27,6 +27,8 @@ def _model() -> nn.Module:
         ({"log_every": True}, "`log_every` must be an integer >= 1; got True"),
         ({"grad_max_every": 0}, "`grad_max_every` must be an integer >= 1; got 0"),
         ({"grad_max_every": "10"}, "`grad_max_every` must be an integer >= 1; got '10'"),
+        ({"param_norm_every": 0}, "`param_norm_every` must be an integer >= 1; got 0"),
+        ({"param_norm_every": 2.0}, "`param_norm_every` must be an integer >= 1; got 2.0"),
         ({"history_size": 0}, "`history_size` must be an integer >= 1; got 0"),
         ({"track_activations": "yes"}, "`track_activations` must be True or False; got 'yes'"),
         ({"clip": 1.0}, "`clip` must be None or a clipping strategy such as gw.clip.Norm(1.0); got 1.0"),
@@ -115,8 +117,8 @@ def test_callbacks_check_options_like_the_monitor(index):
     name = cls.__name__
     with pytest.raises(TypeError, match=re.escape(
         f"{name} got unexpected keyword argument(s) 'log_evry'; allowed: detectors, clip, on_nonfinite, on_alert, "
-        "sinks, log_every, grad_max_every, granularity, track_activations, track_time, history_size, max_alerts, "
-        "remind_every"
+        "sinks, log_every, grad_max_every, param_norm_every, granularity, track_activations, track_time, "
+        "history_size, max_alerts, remind_every"
     )):
         cls(log_evry=3)
     with pytest.raises(TypeError, match=re.escape(f"{name} takes the AMP scaler from {scaler_source}; do not pass")):

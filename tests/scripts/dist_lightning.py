@@ -93,7 +93,7 @@ def main(mode: str, out: Path) -> None:
     else:
         strategy = "ddp" if mode == "ddp" else "auto"
     callback = GradWatchCallback(
-        sinks=[gw.sinks.JSONL(out / "records.jsonl")], log_every=1, grad_max_every=1, on_alert="ignore"
+        sinks=[gw.sinks.JSONL(out / "records.jsonl")], log_every=1, grad_max_every=1, param_norm_every=1, on_alert="ignore"
     )
     trainer = pl.Trainer(
         accelerator="cpu",

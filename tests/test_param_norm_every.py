@@ -1,0 +1,161 @@
+"""Weight norms have their own period (``param_norm_every``), and are read early when the gradients move fast.
+
+The records carry ``param_norm/<layer>`` and ``grad_to_param/<layer>`` on the first logging step at or
+after each multiple of ``param_norm_every`` and leave the keys out elsewhere (never a stale value).
+A total gradient norm more than ``WEIGHT_REREAD_FACTOR`` times (or less than its inverse) the one at the
+last weight read, or a non-finite one, has the weights read at the next logging step. Values against a
+float64 reference; the ATen ops a weight read costs are counted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch as gw
+from gradwatch.monitor import WEIGHT_REREAD_FACTOR
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _train(steps: int, *, loss_scale: dict[int, float] | None = None, lr: float = 1e-4, model=None, **kw):
+    """Train ``steps`` steps; the loss of step ``s`` is multiplied by ``loss_scale[s]`` (gradients scale with it)."""
+    model = model if model is not None else _model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    kw.setdefault("sinks", [])
+    monitor = gw.GradWatch(model, on_alert="ignore", **kw)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    ref = []  # per step, per layer: the weight norm in float64 when the gradients were taken
+    for s in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * (loss_scale or {}).get(s, 1.0)
+        loss.backward()
+        ref.append({
+            name: sum(p.detach().double().square().sum() for p in mod.parameters()).sqrt().item()
+            for name, mod in (("0", model[0]), ("2", model[2]))
+        })
+        monitor.step()
+        opt.step()
+    monitor.close()
+    return monitor, ref
+
+
+def _read_steps(monitor) -> list[int]:
+    return [int(h["step"]) for h in monitor.history if "param_norm/0" in h]
+
+
+@pytest.mark.parametrize(
+    ("log_every", "param_norm_every", "steps", "with_norms"),
+    [
+        (1, 4, 11, [0, 4, 8]),
+        (2, 5, 17, [0, 6, 10, 16]),  # the first logging step at or after 5, 10, 15
+        (3, 1, 9, [0, 3, 6]),  # 1: every logging step
+        (4, 2, 12, [0, 4, 8]),  # a period shorter than log_every: every logging step
+    ],
+)
+def test_weight_norms_on_their_period_and_exact(log_every, param_norm_every, steps, with_norms):
+    monitor, ref = _train(steps, log_every=log_every, param_norm_every=param_norm_every)
+    history = list(monitor.history)
+    assert [int(h["step"]) for h in history] == list(range(0, steps, log_every))
+    assert _read_steps(monitor) == with_norms
+    for h in history:
+        s = int(h["step"])
+        assert "grad_norm/0" in h and "grad_norm/total" in h  # the gradient figures are on every logging step
+        for layer in ("0", "2"):
+            assert (f"param_norm/{layer}" in h) == (s in with_norms)
+            assert (f"grad_to_param/{layer}" in h) == (s in with_norms)
+            if s in with_norms:
+                assert h[f"param_norm/{layer}"] == pytest.approx(ref[s][layer], rel=1e-6)
+                assert h[f"grad_to_param/{layer}"] == pytest.approx(h[f"grad_norm/{layer}"] / ref[s][layer], rel=1e-6)
+
+
+def test_default_period_is_10_steps():
+    monitor, _ = _train(31, log_every=1)
+    assert monitor.param_norm_every == 10
+    assert _read_steps(monitor) == [0, 10, 20, 30]
+    # At the default log_every=10, every logging step reads the weights (as before the option existed).
+    monitor, _ = _train(31)
+    assert _read_steps(monitor) == [0, 10, 20, 30] == [int(h["step"]) for h in monitor.history]
+
+
+@pytest.mark.parametrize(
+    ("scale", "reread"),
+    [
+        (WEIGHT_REREAD_FACTOR * 1.5, True),  # gradients 3x: the next logging step reads the weights
+        (1 / (WEIGHT_REREAD_FACTOR * 1.5), True),  # a third: read too
+        (1.5, False),  # within the factor: the period holds
+        (float("inf"), True),  # non-finite gradients at step 3 only (the step is skipped): read
+    ],
+)
+def test_fast_moving_gradients_have_the_weights_read_at_the_next_logging_step(scale, reread):
+    # Steps 3.. have their loss scaled: the total gradient norm moves by ``scale`` from step 3 on.
+    steps = [3] if scale == float("inf") else range(3, 16)
+    monitor, ref = _train(16, log_every=1, loss_scale=dict.fromkeys(steps, scale))
+    totals = [h["grad_norm/total"] for h in monitor.history]
+    if scale != float("inf"):
+        assert totals[3] / totals[0] == pytest.approx(scale, rel=0.01)
+    assert _read_steps(monitor) == ([0, 4, 10] if reread else [0, 10])
+    if reread:
+        h = monitor.history[4]
+        assert h["param_norm/2"] == pytest.approx(ref[4]["2"], rel=1e-6)
+
+
+def test_meta_and_repr_carry_the_period(tmp_path):
+    path = tmp_path / "run.jsonl"
+    monitor, _ = _train(2, log_every=1, param_norm_every=7, sinks=[gw.sinks.JSONL(path)])
+    meta = next(r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == "meta")
+    assert meta["param_norm_every"] == 7
+    assert "param_norm_every=7" in repr(monitor)
+
+
+def test_resumed_monitor_reads_the_weights_at_its_first_logging_step():
+    first, _ = _train(7, log_every=1)
+    resumed = gw.GradWatch(_model(), sinks=[], on_alert="ignore", log_every=1)
+    resumed.load_state_dict(first.state_dict())
+    model = resumed.model
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        model.zero_grad()
+        model(x).sum().backward()
+        resumed.step()
+    resumed.close()
+    after = [(int(h["step"]), "param_norm/0" in h) for h in resumed.history if h["step"] >= 7]
+    assert after == [(7, True), (8, False), (9, False)]
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_logging_step_without_the_weight_read_dispatches_fewer_ops():
+    # 5 Linear layers: the weight read is one foreach pass per (device, dtype) group plus the layer
+    # reduction, so it costs the same few ops whatever the depth; a step without it saves them all.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(5)])
+    monitor = gw.GradWatch(model, sinks=[], on_alert="ignore", log_every=1, param_norm_every=2)
+    x = torch.randn(4, 8)
+    counts = []
+    for _ in range(6):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        with _Ops() as ops:
+            monitor.step()
+        counts.append(ops.n)
+    monitor.close()
+    assert _read_steps(monitor) == [0, 2, 4]
+    with_read, without = counts[2::2], counts[3::2]
+    assert len(set(with_read)) == 1 and len(set(without)) == 1
+    assert 0 < with_read[0] - without[0] <= 8
