@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +25,18 @@ from gradwatch.detectors.base import (
     window_steps,
 )
 
-__all__ = ["GradWindow", "UpdateLossSeries", "WindowedChecks", "fmt", "grad_window", "side_by_side"]
+__all__ = [
+    "GradWindow",
+    "HostPersistence",
+    "HostRow",
+    "HostRows",
+    "UpdateLossSeries",
+    "WindowedChecks",
+    "fmt",
+    "grad_window",
+    "host_list",
+    "side_by_side",
+]
 
 
 class GradWindow(NamedTuple):
@@ -272,3 +284,209 @@ class UpdateLossSeries(Detector):
         for k in self.state_keys:
             if k in state:
                 setattr(self, k, float(state[k]))
+
+
+Getter = Callable[[StepEvidence], "Tensor | None"]
+
+
+class HostRow(NamedTuple):
+    """One recorded step on the host: its number, which layers had a gradient, and its columns' values."""
+
+    step: int
+    present: tuple[bool, ...]
+    cols: dict[str, list[float]]
+
+
+class _Block(NamedTuple):
+    steps: list[int]
+    present: list[tuple[bool, ...]]
+    cols: dict[str, tuple[list[int], Tensor, int]]  # name -> (rows that have it, tensor, values per row)
+
+
+def host_list(v: Any) -> list[float]:
+    """A read-back value as a flat list (the monitor's transfer gives one; a test's ``tolist()`` may nest)."""
+    if not isinstance(v, list):
+        return [v]
+    if v and isinstance(v[0], list):
+        return [x for row in v for x in row]
+    return v
+
+
+class HostRows:
+    """Per-step device tensors kept by reference and brought to the host in the logging step's one transfer.
+
+    A check that compares a few figures per layer and step is cheaper on the host than on the device:
+    on the device each comparison, mask and streak update is a kernel launch (microseconds of dispatch
+    on a CPU), whatever the width; on the host the values are in the transfer the logging step makes
+    anyway, and a check that holds nowhere costs one C-level scan of a list. ``columns`` names what each
+    step contributes (a getter per name: a device tensor of fixed size, or ``None`` when the step has
+    none); ``extra`` adds ``[T, width]`` columns computed per block of rows on the device.
+
+    Recording a step costs no device op. :meth:`readout` hands the columns over: a step's own tensor when
+    the window is one step (no op), one ``stack`` per column otherwise (shared with every detector that
+    stacks the same rows). A window that reaches ``capacity`` steps is stacked into a block then (bounding
+    the tensors kept alive); its blocks are concatenated at the read. :meth:`rows` gives the host rows of
+    what :meth:`readout` handed over, and :meth:`take_pending` reads what was not handed over (checkpoints).
+    """
+
+    def __init__(
+        self,
+        columns: dict[str, Getter],
+        extra: Callable[[list[StepEvidence]], dict[str, Tensor]] | None = None,
+        capacity: int = 64,
+    ) -> None:
+        self.columns, self.extra, self.capacity = columns, extra, capacity
+        self._rows: list[StepEvidence] = []
+        self._blocks: list[_Block] = []
+        self._read: list[_Block] = []  # handed over by readout, not turned into rows yet
+
+    def add(self, ev: StepEvidence) -> None:
+        """Record ``ev`` (by reference; a full window is stacked into a block, still on the device)."""
+        self._rows.append(ev)
+        if len(self._rows) >= self.capacity:
+            self._blocks.append(self._block(self._rows))
+            self._rows = []
+
+    def _block(self, rows: list[StepEvidence]) -> _Block:
+        cols: dict[str, tuple[list[int], Tensor, int]] = {}
+        for name, get in self.columns.items():
+            items = [get(ev) for ev in rows]
+            have = [i for i, x in enumerate(items) if x is not None]
+            if not have:
+                continue
+            first = items[have[0]]
+            assert first is not None
+            if len(have) == 1:
+                t = first
+            elif len(have) == len(rows):
+                t = stacked(rows, name, get)  # type: ignore[arg-type]
+            else:
+                t = torch.stack([items[i] for i in have])  # type: ignore[misc]
+            cols[name] = (have, t, first.numel())
+        if self.extra is not None:
+            for name, t in self.extra(rows).items():
+                cols[name] = (list(range(len(rows))), t, t.shape[-1] if t.dim() else 1)
+        return _Block([ev.stats.step for ev in rows], [ev.stats.present_host for ev in rows], cols)
+
+    def _pending(self) -> list[_Block]:
+        blocks = self._blocks + ([self._block(self._rows)] if self._rows else [])
+        self._blocks, self._rows = [], []
+        return blocks
+
+    @staticmethod
+    def _tensors(blocks: list[_Block]) -> dict[str, Tensor]:
+        names = list(dict.fromkeys(n for b in blocks for n in b.cols))
+        out = {}
+        for n in names:
+            parts = [b.cols[n][1] for b in blocks if n in b.cols]
+            out[n] = parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])
+        return out
+
+    def readout(self) -> dict[str, Tensor]:
+        """The columns recorded since the last read, by name (none: ``{}``)."""
+        blocks = self._pending()
+        self._read += blocks
+        return self._tensors(blocks)
+
+    def rows(self, values: dict[str, list[float]]) -> list[HostRow]:
+        """The host rows of what :meth:`readout` handed over since the last call, oldest first."""
+        blocks, self._read = self._read, []
+        return self._split(blocks, values)
+
+    def take_pending(self) -> list[HostRow]:
+        """The rows not handed over yet, on the host (one read: checkpoints only)."""
+        blocks = self._pending()
+        if not blocks:
+            return []
+        tensors = self._tensors(blocks)
+        names = list(tensors)
+        if not names:
+            return self._split(blocks, {})
+        flat = [tensors[n].reshape(-1).to(torch.float32) for n in names]
+        host = torch.cat(flat).cpu().tolist()
+        values, i = {}, 0
+        for n, t in zip(names, flat):
+            values[n] = host[i : i + t.numel()]
+            i += t.numel()
+        return self._split(blocks, values)
+
+    @staticmethod
+    def _split(blocks: list[_Block], values: dict[str, Any]) -> list[HostRow]:
+        out: list[HostRow] = []
+        pos = {n: 0 for n in values}
+        for b in blocks:
+            cols: list[dict[str, list[float]]] = [{} for _ in b.steps]
+            for n, (have, t, w) in b.cols.items():
+                flat = host_list(values[n])
+                at = pos[n]
+                size = t.numel()
+                part = flat[at : at + size]
+                pos[n] = at + size
+                if size == w and len(have) > 1:  # one tensor for every row (the same object): broadcast
+                    for i in have:
+                        cols[i][n] = part
+                else:
+                    for k, i in enumerate(have):
+                        cols[i][n] = part[k * w : (k + 1) * w]
+            out += [HostRow(s, p, c) for s, p, c in zip(b.steps, b.present, cols)]
+        return out
+
+    def reset(self) -> None:
+        """Forget every recorded step."""
+        self._rows, self._blocks, self._read = [], [], []
+
+
+class HostPersistence:
+    """:class:`~gradwatch.detectors.base.Persistence` on the host, for ``n`` entries checked on read-back values.
+
+    The same semantics: an entry's streak counts the consecutive steps its condition held; where it
+    reaches ``persist`` (or the step's ``immediate`` set holds it) and the entry is free, the step and
+    value are latched until :meth:`fired` reads them. An entry's last latched value stays after the read
+    (as the device latch keeps it). Work per step is the entries whose condition holds or held the step
+    before: none in a healthy run.
+    """
+
+    def __init__(self, n: int, persist: int) -> None:
+        self.n, self.persist = n, persist
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state."""
+        self.streak = [0.0] * self.n
+        self.fired_step = [-1.0] * self.n
+        self.fired_value = [0.0] * self.n
+        self._active: set[int] = set()  # entries with a non-zero streak
+        self._latched: set[int] = set()
+
+    def advance(self, held: list[int], values: list[float], step: int, immediate: list[int] = ()) -> None:  # type: ignore[assignment]
+        """One step: ``held`` the entries whose condition holds, ``values`` indexed by entry."""
+        streak, fired_step = self.streak, self.fired_step
+        now = set(held)
+        for i in self._active - now:
+            streak[i] = 0.0
+        for i in held:
+            streak[i] += 1.0
+            if streak[i] >= self.persist and fired_step[i] < 0:
+                fired_step[i], self.fired_value[i] = float(step), values[i]
+                self._latched.add(i)
+        for i in immediate:
+            if fired_step[i] < 0:
+                fired_step[i], self.fired_value[i] = float(step), values[i]
+                self._latched.add(i)
+        self._active = now
+
+    def fired(self) -> list[Fired]:
+        """The latched entries (by index), and free them."""
+        out = []
+        for i in sorted(self._latched):
+            s, v = self.fired_step[i], self.fired_value[i]
+            out.append(Fired(i, int(s), v, {"value": v}))
+            self.fired_step[i] = -1.0
+        self._latched = set()
+        return out
+
+    def load(self, streak: list[float], fired_step: list[float], fired_value: list[float]) -> None:
+        """Restore the checkpointed entries."""
+        self.streak, self.fired_step, self.fired_value = list(streak), list(fired_step), list(fired_value)
+        self._active = {i for i, s in enumerate(self.streak) if s != 0}
+        self._latched = {i for i, s in enumerate(self.fired_step) if s >= 0}

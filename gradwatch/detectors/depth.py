@@ -13,21 +13,24 @@ healthy training shows (figures measured on CPU with torch 2.13; see docs/DESIGN
 from __future__ import annotations
 
 import math
+import operator
+from array import array
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import FigureRows, GradWindow, WindowedChecks, fmt, grad_window
+from gradwatch.detectors._common import HostPersistence, HostRow, HostRows, fmt, host_list
 from gradwatch.detectors.base import (
     TINY,
+    Detector,
     DetectorContext,
     Finding,
     Fired,
     StepEvidence,
     _flatten,
-    constant,
     stacked,
 )
 from gradwatch.detectors.no_gradient import blocked_zero
@@ -44,69 +47,104 @@ _FAST_GROWTH = 10.0
 _F32_MAX = 3.4e38
 
 
-def relative_to_weights(rows: list[StepEvidence], win: GradWindow, param_norm: Tensor, floor: Tensor) -> Tensor:
-    """Gradient-to-weight norm ratio per step and layer ``[T, L]``, NaN where it means nothing.
+class _LayerFigures:
+    """What Vanishing and Exploding compare per layer, on the host, from the values read back at the logging step.
 
-    It means something where the layer has a finite, non-zero gradient and a finite weight norm above
-    ``floor`` (``_ZERO_WEIGHT_RMS`` times the root of its element count: deliberately zero weights give
-    a ratio that means nothing; a non-finite weight norm, weights already overflowed, would give 0).
-    Computed once per window for every detector that asks (Vanishing and Exploding both do: ``floor``,
-    a function of the context's element counts, is the same for both); every comparison with a NaN is
-    False, so the conditions need no mask of their own.
-    """
+    The device's arithmetic is float32; so is this (every figure read back is a float32 value, and a square
+    root or a quotient of two of them computed in float64 and rounded to float32 is the float32 result
+    itself): the gradient-to-weight ratio ``||g|| / ||w||`` per layer, NaN where it means nothing. It means
+    something where the layer has a finite, non-zero gradient and a finite weight norm above ``floor``
+    (``_ZERO_WEIGHT_RMS`` times the root of its element count: deliberately zero weights give a ratio that
+    means nothing; a non-finite weight norm, weights already overflowed, would give 0), so every comparison
+    with a NaN is False and the conditions need no mask of their own.
 
-    def make() -> Tensor:
-        valid = win.usable & (param_norm > floor) & (param_norm < math.inf)
-        return torch.where(valid, win.norm / param_norm.clamp_min(TINY), constant(math.nan, valid.device))
-
-    return rows[-1].derived(("window", "relative", id(rows[0]), len(rows), id(param_norm)), make)
-
-
-class DepthProfile:
-    """Ratio of the earliest to the latest weight layers' gradient RMS (geometric means).
-
-    The earliest and latest quarter of the weight layers (at least one each) are compared, so a
-    single unusual layer (a small head, a zero-initialised projection) cannot decide alone.
+    The depth profile (:meth:`log_ratio`) compares the earliest and latest quarter of the weight layers (at
+    least one each) by the geometric means of their gradient RMS, so a single unusual layer (a small head, a
+    zero-initialised projection) cannot decide alone; computed in float64.
     """
 
     def __init__(self, ctx: DetectorContext) -> None:
         w = ctx.weight_layers
         k = max(1, len(w) // 4)
-        n = len(ctx.layers)
-        self.enabled = len(w) >= 3
-        # Row 0: the earliest quarter; row 1: the latest (disjoint: 2k <= len(w) / 2).
-        self.groups = torch.zeros(2, n, dtype=torch.bool, device=ctx.device)
-        if self.enabled:
-            self.groups[0, w[:k]] = True
-            self.groups[1, w[-k:]] = True
-        self._sign = torch.tensor([1.0, -1.0], device=ctx.device)  # early minus late
-        self._sqrt_numel = ctx.numel.sqrt()
+        self.n = len(ctx.layers)
+        self.weight = list(w)
+        self.depth_enabled = len(w) >= 3
+        self.early, self.late = (list(w[:k]), list(w[-k:])) if self.depth_enabled else ([], [])
         self.first_layer = w[0] if w else 0
-        self._key = ("depth", tuple(w[:k]), tuple(w[-k:]), n)
+        self.floor_t = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()  # float32, read back once (the first read)
+        self.numel_t = ctx.numel
+        self.floor: list[float] | None = None
+        self._half_log_numel: list[float] = []
+        self.reset()
 
-    def log_ratio(self, rows: list[StepEvidence], win: GradWindow) -> Tensor:
-        """Per step ``[T]``: log(early RMS / late RMS); NaN where a group has no usable layer."""
-        key = ("window", *self._key, id(rows[0]), len(rows))
-        return rows[-1].derived(key, lambda: self._log_ratio(win))
+    def reset(self) -> None:
+        """No weight norm known (the ratios are NaN until a step brings them)."""
+        self._pn: list[float] | None = None  # the last weight norms known, NaN where no ratio means anything
+        self._raw: list[float] | None = None  # the last weight norms known, as read
 
-    def ratio(self, rows: list[StepEvidence], win: GradWindow) -> Tensor:
-        """Per step ``[T]``: early RMS / late RMS (``exp`` of :meth:`log_ratio`)."""
-        key = ("window", *self._key, "exp", id(rows[0]), len(rows))
-        return rows[-1].derived(key, lambda: self.log_ratio(rows, win).exp())
+    def consts(self) -> dict[str, Tensor]:
+        """The per-layer constants to read back once (none once known)."""
+        return {} if self.floor is not None else {"floor": self.floor_t, "numel": self.numel_t}
 
-    def _log_ratio(self, win: GradWindow) -> Tensor:
-        # No floor before the log: only usable layers count (0 < grad_sq, so norm >= 3.7e-23, float32's smallest
-        # square root), and norm / sqrt(numel) stays above TINY, where the floor was, for any layer under 1e15
-        # elements; what the floor changed (a 0 norm) is masked out below.
-        log_rms = (win.norm / self._sqrt_numel).log()
-        pick = win.usable.unsqueeze(-2) & self.groups  # [T, 2, L]: the usable layers of each group
-        count = pick.sum(-1)
-        # 0 / 0 = NaN: a group without usable layers makes the step's ratio NaN.
-        mean = torch.where(pick, log_rms.unsqueeze(-2), constant(0.0, log_rms.device)).sum(-1) / count
-        return (mean * self._sign).sum(-1)
+    def take_consts(self, values: Mapping[str, Any]) -> None:
+        """Keep the constants :meth:`consts` handed over (when they are in ``values``)."""
+        if "floor" in values:
+            self.floor = host_list(values["floor"])
+            self._half_log_numel = [0.5 * math.log(max(x, 1.0)) for x in host_list(values["numel"])]
+
+    def read_consts(self) -> None:
+        """Read the constants now (one host read: checkpoints only)."""
+        if self.floor is None:
+            self.take_consts({"floor": self.floor_t.tolist(), "numel": self.numel_t.tolist()})
+
+    def param_norm(self, pn: list[float]) -> None:
+        """New weight norms (a logging step brought them)."""
+        assert self.floor is not None
+        inf = math.inf
+        self._raw = pn
+        self._pn = [p if f < p < inf else math.nan for p, f in zip(pn, self.floor)]
+
+    def total_weight(self, present: tuple[bool, ...]) -> float:
+        """The total weight norm of the present layers (float64; NaN: no weight norm known yet)."""
+        raw = self._raw
+        if raw is None:
+            return math.nan
+        if all(present):
+            return math.sqrt(math.fsum(p * p for p in raw))
+        return math.sqrt(math.fsum(p * p for p, ok in zip(raw, present) if ok))
+
+    def ratios(self, g: list[float], present: tuple[bool, ...]) -> list[float]:
+        """float32 ``||g|| / ||w||`` per layer from the squared gradient norms ``g``; NaN where it means nothing."""
+        pn = self._pn
+        if pn is None:
+            return [math.nan] * self.n
+        norms = array("f", map(math.sqrt, g))  # sqrt(NaN) is NaN: no finite ratio
+        r = array("f", map(operator.truediv, norms, pn)).tolist()  # pn: NaN where invalid, never 0
+        if 0.0 in g or math.inf in g:  # not usable: a zero or an infinite gradient
+            r = [x if 0.0 < v < math.inf else math.nan for x, v in zip(r, g)]
+        if not all(present):
+            r = [x if p else math.nan for x, p in zip(r, present)]
+        return r
+
+    def log_ratio(self, g: list[float], present: tuple[bool, ...]) -> float:
+        """log(early RMS / late RMS), NaN where a group has no usable layer (float64)."""
+        if not self.depth_enabled:
+            return math.nan
+        means = []
+        for group in (self.early, self.late):
+            s, c = 0.0, 0
+            for i in group:
+                v = g[i]
+                if 0.0 < v < math.inf and present[i]:
+                    s += 0.5 * math.log(v) - self._half_log_numel[i]
+                    c += 1
+            if not c:
+                return math.nan
+            means.append(s / c)
+        return means[0] - means[1]
 
 
-class Vanishing(WindowedChecks):
+class Vanishing(Detector):
     """Gradients too small to train the early layers.
 
     Three checks, each of which must hold for ``persist`` consecutive steps:
@@ -137,114 +175,117 @@ class Vanishing(WindowedChecks):
         persist: consecutive steps a condition must hold.
     """
 
-    # On the device, per layer: the zero and ratio checks. The model-wide checks (depth, dying) run on the host
-    # (_HostChecks) over five figures per step read back at the logging step; state_dict keeps every check side
-    # by side as before, in ``layout`` order.
-    sources = (("zero", True), ("ratio", True))
+    # Every check runs on the host, over the raw figures read back at the logging step (the squared gradient
+    # norms, the weight norms when new, the unreached and blocked layers, the ReLUs' on-fractions): per layer
+    # ``zero`` and ``ratio`` (HostPersistence), model-wide ``depth`` and ``dying`` (_HostChecks). state_dict
+    # keeps every check's entries side by side, in ``layout`` order.
     layout = ("depth", "zero", "ratio", "dying")
 
     def __init__(self, depth_ratio: float = 1e-4, min_ratio: float = 1e-8, persist: int = 3) -> None:
-        super().__init__(persist)
+        super().__init__()
+        self.persist = check_int("persist", persist, 1)
         self.depth_ratio = check_range("depth_ratio", depth_ratio, 0.0, 1.0)
         self.min_ratio = check_range("min_ratio", min_ratio, 0.0, 1.0)
-        # The device compares a float32 figure with a Python number rounded to float32: so does the host.
-        self._depth_at = _f32(math.log(self.depth_ratio))
-        self._dying_at = _f32(0.5 * math.log(self.depth_ratio))
+        self._depth_at = math.log(self.depth_ratio)
+        self._dying_at = 0.5 * math.log(self.depth_ratio)
+        self._low_at = _f32(self.min_ratio)  # the ratio is a float32 figure, compared with a float32 bound
         self._host = _HostChecks(2)  # depth, dying
-        self._figures = FigureRows()  # per step: depth log ratio and ratio, a ratio check held, dying log gain, gain
+        self._zero = self._ratio = HostPersistence(0, self.persist)
+        self._rows: HostRows | None = None
         self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
-        if self.state.bound:  # bound again (a new monitor): the host state starts over too
-            self._host.reset()
         super().bind(ctx)
-        self._figures = FigureRows()
-        self._nan = torch.full((1,), math.nan, device=ctx.device)
-        self._profile = DepthProfile(ctx)
-        self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
-        weight = torch.zeros(len(ctx.layers), dtype=torch.bool, device=ctx.device)
-        weight[ctx.weight_layers] = True
-        self._weight = weight
-        # Per-layer thresholds with the weight-layer mask folded in (a NaN or -inf bound never holds).
-        self._zero_at = torch.where(weight, 0.0, math.nan)  # grad_sq == _zero_at: an exact zero at a weight layer
-        self._low_at = torch.where(weight, self.min_ratio, -math.inf)  # ratio < _low_at
+        self._host.reset()
+        n = len(ctx.layers)
+        self._zero, self._ratio = HostPersistence(n, self.persist), HostPersistence(n, self.persist)
+        self._layers = _LayerFigures(ctx)
         relu = [k == "relu" and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
-        self._relu = torch.tensor(relu, dtype=torch.bool, device=ctx.device) if any(relu) else None
+        self._relu = [i for i, r in enumerate(relu) if r]
+        columns: dict[str, Any] = {
+            "grad_sq": lambda ev: ev.stats.grad_sq,
+            "param_norm": lambda ev: ev.stats.param_norm,
+            "unreached": lambda ev: ev.unreached,
+        }
+        if self._relu:
+            columns["act_active"] = lambda ev: None if ev.activations is None else ev.activations.active
+            columns["act_seen"] = lambda ev: None if ev.activations is None else ev.activations.seen
+        self._rows = HostRows(columns, extra=self._blocked)
         self._explained = False  # a dying-ReLU finding was made: later depth/ratio findings are its symptom
         self.state.bind(ctx.device)
         if self._loaded is not None:
             self._load(self._loaded)
             self._loaded = None
 
-    def _dying(self, rows: list[StepEvidence], low: Tensor) -> list[Tensor]:
-        """Per step ``[T]``: whether a layer's ratio check held, the log of the tracked ReLU layers' ``sqrt(2 f)``
-        product, and the product; NaN without tracked ReLUs (the dying check then never holds: no op)."""
-        if self._relu is None or any(ev.activations is None or ev.activations.active is None for ev in rows):
-            nan = self._nan.expand(len(rows))
-            return [nan, nan, nan]
-        return [low.any(-1), *self._gain(rows)]  # the bool promotes to float in the stack
-
-    def _gain(self, rows: list[StepEvidence]) -> tuple[Tensor, Tensor]:
-        """Per step ``[T]``: the log of the tracked ReLU layers' ``sqrt(2 f)`` product, and the product."""
-        active = stacked(rows, "act_active", lambda ev: ev.activations.active)  # type: ignore[union-attr]
-        seen = stacked(rows, "act_seen", lambda ev: ev.activations.seen)  # type: ignore[union-attr]
-        use = self._relu & seen
-        log_gain = 0.5 * torch.where(use, (2 * active).clamp_min(TINY).log(), 0.0).sum(-1)
-        return log_gain, log_gain.exp()
-
-    def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _blocked(self, rows: list[StepEvidence]) -> dict[str, Tensor]:
+        """``[T, L]`` exact zeros that nothing in the model explains (no_gradient's): with tracked activations only."""
         assert self.ctx is not None
-        win = grad_window(rows)
-        n = len(rows)
-        if self._profile.enabled:
-            log_r, depth_value = self._profile.log_ratio(rows, win), self._profile.ratio(rows, win)
-        else:
-            log_r = depth_value = self._nan.expand(n)
-        zero = win.only_present(win.grad_sq == self._zero_at)
-        if any(ev.unreached is not None for ev in rows):
-            # A zero that backward never wrote (a stale, zeroed gradient) is no_gradient's, not vanishing.
-            none = torch.zeros_like(self._weight)
-            zero = zero & ~stacked(rows, "unreached", lambda ev: ev.unreached if ev.unreached is not None else none)
-        # An exact zero that neither zero weights nor dead/saturated units explain (a constant 0 gate) is no_gradient's.
-        blocked = blocked_zero(rows, win.grad_sq, win.present, self.ctx)
-        if blocked is not None:
-            zero = zero & ~blocked
-        ratio = relative_to_weights(rows, win, param_norm, self._floor)
-        low = ratio < self._low_at
-        # The model-wide checks' figures, to the host: the depth profile's log and ratio, whether a layer's
-        # ratio check held, the dying ReLUs' log gain and gain.
-        figures = torch.stack([log_r, depth_value, *self._dying(rows, low)], -1)
-        self._figures.add(figures, [ev.stats.step for ev in rows])
-        return [zero, low], [win.grad_sq, ratio]
+        if any(ev.activations is None for ev in rows):
+            return {}
+        grad_sq = stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq)
+        present = stacked(rows, "present", lambda ev: ev.stats.present)
+        blocked = blocked_zero(rows, grad_sq, present, self.ctx)
+        return {} if blocked is None else {"blocked": blocked}
+
+    def update(self, ev: StepEvidence) -> None:
+        assert self._rows is not None
+        self._rows.add(ev)
 
     def readout(self) -> dict[str, Tensor]:
-        out = super().readout()  # folds the recorded steps
-        figures = self._figures.readout()
-        if figures is not None:
-            out["figures"] = figures
-        return out
+        assert self._rows is not None
+        return {**self._layers.consts(), **self._rows.readout()}
 
-    def _run(self, steps: list[int], figures: list[float]) -> None:
-        """The model-wide checks over the steps' figures (5 per step, oldest first), with the device's
-        float32 comparisons: ``depth`` (log ratio below the threshold's log; NaN: no usable layer, False) and
-        ``dying`` (``depth`` or a layer's ratio check, with the ReLUs' log gain at most half that log)."""
-        host, depth_at, dying_at, persist = self._host, self._depth_at, self._dying_at, self.persist
-        for i, step in enumerate(steps):
-            log_r, depth_value, low, log_gain, gain = figures[5 * i : 5 * i + 5]
-            depth = log_r < depth_at
-            host.advance(0, depth, depth_value, step, persist)
-            host.advance(1, (depth or low > 0) and log_gain <= dying_at, gain, step, persist)  # NaN > 0: False
+    def _run(self, rows: list[HostRow]) -> None:
+        """Every check over the rows read back, oldest first, with the device's float32 figures per layer."""
+        lay, host, persist, low_at = self._layers, self._host, self.persist, self._low_at
+        weight = lay.weight
+        # The dying check needs the ReLUs' on-fractions on every step of the window (else it never holds).
+        gains = self._relu and all("act_active" in r.cols for r in rows)
+        for step, present, cols in rows:
+            g = cols["grad_sq"]
+            if "param_norm" in cols:
+                lay.param_norm(cols["param_norm"])
+            ratio = lay.ratios(g, present)
+            low = [i for i in weight if ratio[i] < low_at]
+            zero: list[int] = []
+            if 0.0 in g:  # an exact zero at a weight layer with a gradient, that backward wrote and nothing explains
+                unreached, blocked = cols.get("unreached"), cols.get("blocked")
+                zero = [
+                    i for i in weight
+                    if g[i] == 0.0 and present[i] and not (unreached and unreached[i]) and not (blocked and blocked[i])
+                ]
+            self._zero.advance(zero, g, step)
+            self._ratio.advance(low, ratio, step)
+            # depth: log ratio below the threshold's log (NaN, no usable layer: False)
+            log_r = lay.log_ratio(g, present)
+            depth = log_r < self._depth_at
+            host.advance(0, depth, math.exp(log_r), step, persist)
+            dying, gain = False, math.nan
+            if gains:
+                active, seen = cols["act_active"], cols["act_seen"]
+                log_gain = 0.5 * sum(math.log(max(2.0 * active[i], TINY)) for i in self._relu if seen[i])
+                gain = math.exp(log_gain)
+                dying = (depth or bool(low)) and log_gain <= self._dying_at
+            host.advance(1, dying, gain, step, persist)
 
-    # -- checkpoints: every check's entries side by side, in ``layout`` order, as one stacked persistence
+    # -- checkpoints: every check's entries side by side, in ``layout`` order
     def state_dict(self) -> dict[str, Any]:
         if not self.state.bound:
             return {} if self._loaded is None else dict(self._loaded)
-        self.fold()
-        pending = self._figures.take_pending()  # figures not read back yet: one host read, folded now
-        if pending is not None:
-            self._run(*pending)
-        dev = self.state.state_dict()["checks"]
-        return {"checks": {k: self._host.side_by_side(k, dev[k]) for k in ("streak", "fired_step", "fired_value")}}
+        assert self._rows is not None and self.ctx is not None
+        pending = self._rows.take_pending()  # steps not read back yet: one host read, folded now
+        if pending:
+            self._layers.read_consts()
+            self._run(pending)
+        h, z, r = self._host, self._zero, self._ratio
+        dev = self.ctx.device
+
+        def side(key: str) -> Tensor:
+            host = getattr(h, key)
+            entries = [host[0], *getattr(z, key), *getattr(r, key), *host[1:]]
+            return torch.tensor(entries, dtype=torch.float32, device=dev)
+
+        return {"checks": {k: side(k) for k in ("streak", "fired_step", "fired_value")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.state.bound:
@@ -254,17 +295,26 @@ class Vanishing(WindowedChecks):
 
     def _load(self, state: dict[str, Any]) -> None:
         flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
-        checks = {k: v for k, v in flat.items() if k.startswith("checks.") and v.dim() == 1}
-        self._host.load({k[len("checks."):]: v for k, v in checks.items()})
-        self.state.load_state_dict({k: v[1:-1] for k, v in checks.items()})
+        checks = {k[len("checks."):]: v for k, v in flat.items() if k.startswith("checks.") and v.dim() == 1}
+        n = self._zero.n
+        for key, v in checks.items():
+            if v.numel() != 2 * n + 2:
+                raise ValueError(
+                    f"`state` holds 'checks.{key}' of shape {tuple(v.shape)} but this detector keeps ({2 * n + 2},)"
+                )
+        self._host.load(checks)
+        for k, p in enumerate((self._zero, self._ratio)):
+            lo = 1 + k * n
+            p.load(*(checks[key][lo:lo + n].tolist() if key in checks else getattr(p, key)
+                     for key in ("streak", "fired_step", "fired_value")))
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
-        assert self.ctx is not None
-        if "figures" in values:
-            self._run(self._figures.read_steps(), values["figures"])
+        assert self.ctx is not None and self._rows is not None
+        self._layers.take_consts(values)
+        self._run(self._rows.rows(values))
         names = self.ctx.names
         host = self._host.fired()
-        fired = {**self.fired_by_source(values), "depth": host[0], "dying": host[1]}
+        fired = {"zero": self._zero.fired(), "ratio": self._ratio.fired(), "depth": host[0], "dying": host[1]}
         out: list[Finding] = []
         for f in fired["dying"]:
             out.append(
@@ -285,7 +335,7 @@ class Vanishing(WindowedChecks):
         if self._explained:  # the same symptom, explained: its vanishing findings are the dying units'
             fired["depth"], fired["ratio"] = [], []
         for f in fired["depth"]:
-            first = names[self._profile.first_layer]
+            first = names[self._layers.first_layer]
             out.append(
                 Finding(
                     kind="vanishing",
@@ -326,7 +376,7 @@ class Vanishing(WindowedChecks):
 
 def _f32(x: float) -> float:
     """``x`` rounded to float32 (what a device comparison of a float32 tensor with ``x`` uses)."""
-    return torch.tensor(x, dtype=torch.float32).item()
+    return array("f", [x])[0]
 
 
 class _HostChecks:
@@ -473,7 +523,7 @@ class _ModelWide:
             self.last_held = bool(flat["last.held"].reshape(-1)[0])
 
 
-class Exploding(WindowedChecks):
+class Exploding(Detector):
     """Gradients large enough to destroy the weights they update.
 
     Checks (each must hold for ``persist`` consecutive steps):
@@ -513,9 +563,9 @@ class Exploding(WindowedChecks):
         persist: consecutive steps a condition must hold.
     """
 
-    # On the device, per layer: the ratio check. The model-wide checks run on the host (_ModelWide) over
-    # four figures per step read back at the logging step; state_dict keeps every check side by side.
-    sources = (("ratio", True),)
+    # Every check runs on the host, over the raw figures read back at the logging step (the squared gradient
+    # norms, the total norm, the weight norms when new): per layer ``ratio`` (HostPersistence), model-wide
+    # ``depth``, ``total``, ``growth``, ``overflow`` (_ModelWide). state_dict keeps every check side by side.
     layout = ("depth", "ratio", "total", "growth", "overflow")  # the order of the checkpointed entries
 
     def __init__(
@@ -526,81 +576,81 @@ class Exploding(WindowedChecks):
         growth_warmup: int = 20,
         persist: int = 3,
     ) -> None:
-        super().__init__(persist)
+        super().__init__()
+        self.persist = check_int("persist", persist, 1)
         self.depth_ratio = check_positive("depth_ratio", depth_ratio)
         self.max_ratio = check_positive("max_ratio", max_ratio)
         self.growth = check_positive("growth", growth)
         if self.growth <= 1:
             raise ValueError(f"`growth` must be > 1; got {growth!r}")
         self.growth_warmup = check_int("growth_warmup", growth_warmup, 1)
+        # The ratio is a float32 figure, compared with float32 bounds (severity-scaled: 1e4x past fires at once).
+        self._high_at, self._far_at = _f32(self.max_ratio), _f32(self.max_ratio * _FAR)
         self._host = _ModelWide(self)
-        self._figures = FigureRows()  # per step: total norm, total weight norm, depth log ratio, a ratio held
+        self._ratio = HostPersistence(0, self.persist)
+        self._rows: HostRows | None = None
         self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
-        if self.state.bound:  # bound again (a new monitor): the host state starts over too
-            self._host.reset()
         super().bind(ctx)
-        self._profile = DepthProfile(ctx)
+        self._host.reset()
+        self._ratio = HostPersistence(len(ctx.layers), self.persist)
+        self._layers = _LayerFigures(ctx)
+        self._rows = HostRows({
+            "grad_sq": lambda ev: ev.stats.grad_sq,
+            "total_norm": lambda ev: ev.stats.total_norm,
+            "param_norm": lambda ev: ev.stats.param_norm,
+        })
         self.state.bind(ctx.device)
-        self._imm: list[Tensor] | None = None
-        self._floor = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()
-        self._nan = torch.full((1,), math.nan, device=ctx.device)
-        self._figures = FigureRows()
         if self._loaded is not None:
             self._load(self._loaded)
             self._loaded = None
 
-    def conditions(self, rows: list[StepEvidence], param_norm: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        assert self.ctx is not None
-        win = grad_window(rows)
-        n = len(rows)
-        ratio = relative_to_weights(rows, win, param_norm, self._floor)  # NaN where it means nothing
-        high = ratio > self.max_ratio
-        # Severity-scaled persistence: 1e4x past the threshold fires on the step it is seen.
-        self._imm = [ratio > self.max_ratio * _FAR]
-        # Total weight norm over the present layers (NaN: no weight norm known yet).
-        pn = win.only_present(param_norm).square().sum(-1).sqrt().expand(n)
-        log_r = self._profile.log_ratio(rows, win) if self._profile.enabled else self._nan.expand(n)
-        # (the bool promotes to float)
-        self._figures.add(torch.stack([win.total, pn, log_r, high.any(-1)], -1), [ev.stats.step for ev in rows])
-        return [high], [ratio]
-
-    def immediates(self, steps: int) -> list[Tensor] | None:
-        imm, self._imm = self._imm, None
-        return imm
+    def update(self, ev: StepEvidence) -> None:
+        assert self._rows is not None
+        self._rows.add(ev)
 
     def readout(self) -> dict[str, Tensor]:
-        out = super().readout()  # folds the recorded steps
-        figures = self._figures.readout()
-        if figures is not None:
-            out["figures"] = figures
-        return out
+        assert self._rows is not None
+        return {**self._layers.consts(), **self._rows.readout()}
 
-    # -- checkpoints: every check's entries side by side, in ``layout`` order, as one stacked persistence
+    def _run(self, rows: list[HostRow]) -> None:
+        """Every check over the rows read back, oldest first: per layer here, model-wide in :class:`_ModelWide`
+        (four figures per step: the total norm, the total weight norm, the depth log ratio, a ratio check held)."""
+        lay, high_at, far_at = self._layers, self._high_at, self._far_at
+        figures: list[float] = []
+        for step, present, cols in rows:
+            g = cols["grad_sq"]
+            if "param_norm" in cols:
+                lay.param_norm(cols["param_norm"])
+            ratio = lay.ratios(g, present)
+            high = [i for i, r in enumerate(ratio) if r > high_at]
+            self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at])
+            total = cols["total_norm"][0]
+            figures += [total, lay.total_weight(present), lay.log_ratio(g, present), 1.0 if high else 0.0]
+        self._host.run([r.step for r in rows], figures)
+
+    # -- checkpoints: every check's entries side by side, in ``layout`` order
     def state_dict(self) -> dict[str, Any]:
         if not self.state.bound:
             return {} if self._loaded is None else dict(self._loaded)
-        self.fold()
-        pending = self._figures.take_pending()  # figures not read back yet: one host read, folded now
-        if pending is not None:
-            self._host.run(*pending)
-        dev = self.state.state_dict()["checks"]
-        h = self._host
-        on = dev["streak"].device
+        assert self._rows is not None and self.ctx is not None
+        pending = self._rows.take_pending()  # steps not read back yet: one host read, folded now
+        if pending:
+            self._layers.read_consts()
+            self._run(pending)
+        h, r = self._host, self._ratio
+        on = self.ctx.device
 
         def f32(x: Any) -> Tensor:
             return torch.tensor(x, dtype=torch.float32, device=on)
 
-        def side(host: list[float], t: Tensor) -> Tensor:  # layout order: depth, ratio (per layer), the others
-            return torch.cat([f32(host[:1]), t.to(on, torch.float32), f32(host[1:])])
+        def side(key: str) -> Tensor:  # layout order: depth, ratio (per layer), the others
+            host = getattr(h, key)
+            return f32([host[0], *getattr(r, key), *host[1:]])
 
         return {
-            "checks": {
-                "streak": side(h.streak, dev["streak"]),
-                "fired_step": side(h.fired_step, dev["fired_step"]),
-                "fired_value": side(h.fired_value, dev["fired_value"]),
-            },
+            "checks": {k: side(k) for k in ("streak", "fired_step", "fired_value")},
             "growth_ref": {"sum": f32(h.ref_sum), "count": f32(h.ref_count)},
             "last": {
                 "total": f32([h.last_total]),
@@ -617,18 +667,27 @@ class Exploding(WindowedChecks):
 
     def _load(self, state: dict[str, Any]) -> None:
         flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
+        n = self._ratio.n
+        checks = {k[len("checks."):]: v for k, v in flat.items() if k.startswith("checks.") and v.dim() == 1}
+        for key, v in checks.items():
+            if v.numel() != n + 4:
+                raise ValueError(
+                    f"`state` holds 'checks.{key}' of shape {tuple(v.shape)} but this detector keeps ({n + 4},)"
+                )
         self._host.load(flat)
-        self.state.load_state_dict({k: v[1:-3] for k, v in flat.items() if k.startswith("checks.") and v.dim() == 1})
+        r = self._ratio
+        r.load(*(checks[key][1:1 + n].tolist() if key in checks else getattr(r, key)
+                 for key in ("streak", "fired_step", "fired_value")))
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
-        assert self.ctx is not None
-        if "figures" in values:
-            self._host.run(self._figures.read_steps(), values["figures"])
+        assert self.ctx is not None and self._rows is not None
+        self._layers.take_consts(values)
+        self._run(self._rows.rows(values))
         names = self.ctx.names
-        fired = {**self.fired_by_source(values), **self._host.fired()}
+        fired = {"ratio": self._ratio.fired(), **self._host.fired()}
         out: list[Finding] = []
         for f in fired["depth"]:
-            first = names[self._profile.first_layer]
+            first = names[self._layers.first_layer]
             out.append(
                 Finding(
                     "exploding",

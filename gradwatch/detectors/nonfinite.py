@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradwatch.detectors.base import (
-    Detector,
-    DetectorContext,
-    Finding,
-    Latch,
-    StepEvidence,
-    Window,
-    stacked,
-    window_steps,
-)
+from gradwatch.detectors._common import HostRow, HostRows
+from gradwatch.detectors.base import Detector, DetectorContext, Finding, Fired, StepEvidence, _flatten
 
 __all__ = ["NonFinite"]
 
@@ -24,52 +17,87 @@ __all__ = ["NonFinite"]
 class NonFinite(Detector):
     """NaN or Inf in any gradient; reports the layers, in backward order (where they appear first).
 
-    Steps are recorded as they come (no device op) and folded at the next read: the first
-    non-finite step of the window is latched with its layers.
+    Steps are recorded as they come (no device op) and their flags (whether the step was non-finite,
+    and which layers) travel in the logging step's one transfer: the first non-finite step since the
+    last read is latched, on the host, with its layers.
     """
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
-        # One model-wide entry; the layers that were non-finite at that step ride along as a vector.
-        self.latch = Latch(self.state, "nonfinite", 1, values={"layers": len(ctx.layers)})
-        self.window = Window()
+        self._rows = HostRows(
+            {"any_nonfinite": lambda ev: ev.stats.any_nonfinite, "nonfinite": lambda ev: ev.stats.nonfinite}
+        )
+        self.fired_step = -1.0  # the latched step (-1: none since the last read)
+        self.fired_layers = [0.0] * len(ctx.layers)  # its layers (1: non-finite); kept after the read
         self.state.bind(ctx.device)
+        if self._loaded is not None:
+            self._load(self._loaded)
+            self._loaded = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def update(self, ev: StepEvidence) -> None:
-        if self.window.add(ev):
-            self.fold()
-
-    def fold(self) -> None:
-        """Latch the first non-finite step of the recorded window (device only)."""
-        rows = self.window.take()
-        if not rows:
-            return
-        assert self.ctx is not None
-        steps = window_steps(rows, self.ctx.device)
-        if len(rows) == 1:  # log_every=1: the one step is the first (no search, no gather)
-            stats = rows[0].stats
-            self.latch.update(stats.any_nonfinite, steps, layers=stats.nonfinite)
-            return
-        bad = stacked(rows, "any_nonfinite", lambda ev: ev.stats.any_nonfinite).reshape(-1)
-        first = bad.to(torch.uint8).argmax().reshape(1)  # the first non-finite row (0 when none is)
-        flags = stacked(rows, "nonfinite", lambda ev: ev.stats.nonfinite)
-        layers = flags.index_select(0, first).squeeze(0) if flags.shape[0] == len(rows) else flags[0]
-        # index_select, not [first]: indexing by a 0-d tensor would read it on the host (a device sync).
-        self.latch.update(bad.any(), steps.index_select(0, first), layers=layers)
+        self._rows.add(ev)
 
     def readout(self) -> dict[str, Tensor]:
-        self.fold()
-        return super().readout()
+        return self._rows.readout()
+
+    def _run(self, rows: list[HostRow]) -> None:
+        """Latch the first non-finite row (when the latch is free)."""
+        if self.fired_step >= 0:
+            return
+        for step, _, cols in rows:
+            if cols["any_nonfinite"][0] > 0:
+                self.fired_step, self.fired_layers = float(step), [float(x) for x in cols["nonfinite"]]
+                return
 
     def state_dict(self) -> dict[str, Any]:
-        self.fold()
-        return super().state_dict()
+        if not self.state.bound:
+            return {} if self._loaded is None else dict(self._loaded)
+        assert self.ctx is not None
+        self._run(self._rows.take_pending())  # steps not read back yet: one host read
+        dev = self.ctx.device
+        return {
+            "nonfinite": {
+                "fired_step": torch.tensor([self.fired_step], dtype=torch.float32, device=dev),
+                "fired_layers": torch.tensor(self.fired_layers, dtype=torch.float32, device=dev),
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.state.bound:
+            self._load(state)
+        else:  # the number of layers is known at bind
+            self._loaded = {**(self._loaded or {}), **state}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
+        n = len(self.fired_layers)
+        if "nonfinite.fired_layers" in flat:
+            layers = flat["nonfinite.fired_layers"]
+            if layers.shape != (n,):
+                raise ValueError(
+                    f"`state` holds 'nonfinite.fired_layers' of shape {tuple(layers.shape)} but this detector keeps "
+                    f"({n},)"
+                )
+            self.fired_layers = [float(x) for x in layers.tolist()]
+        if "nonfinite.fired_step" in flat:
+            self.fired_step = float(flat["nonfinite.fired_step"].reshape(-1)[0])
+
+    def _fired(self) -> list[Fired]:
+        if self.fired_step < 0:
+            return []
+        step, self.fired_step = self.fired_step, -1.0
+        return [Fired(0, int(step), math.nan, {"layers": self.fired_layers})]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
+        self._run(self._rows.rows(values))
         out = []
         names = self.ctx.names
-        for f in self.latch.fired(values):
+        for f in self._fired():
             flags = f.values["layers"]
             layers = tuple(names[i] for i in reversed(range(len(names))) if flags[i] > 0)
             shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
