@@ -35,7 +35,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -168,11 +168,20 @@ def describe_optimizer(
         layers: the watched layers (trainable parameters).
         model: the model, to name the frozen parameters the optimizer holds.
     """
+    return _describe(optimizer, _holdings(optimizer, layers, model))
+
+
+#: Which watched layers each param group holds, the names of the frozen parameters held, the watched parameters held.
+_Holdings = tuple[tuple[tuple[str, ...], ...], tuple[str, ...], int]
+
+
+def _holdings(optimizer: torch.optim.Optimizer, layers: Sequence[Layer], model: nn.Module | None) -> _Holdings:
+    """What ``optimizer``'s param groups hold (host; a walk of every parameter): changes only with the groups."""
     layer_of = {id(p): x.name for x in layers for p in x.params}
-    groups = []
+    per_group = []
     held = 0
     frozen_ids: list[int] = []
-    for i, g in enumerate(optimizer.param_groups):
+    for g in optimizer.param_groups:
         names: list[str] = []
         for p in g["params"]:
             name = layer_of.get(id(p))
@@ -182,6 +191,21 @@ def describe_optimizer(
                     names.append(name)
             elif not p.requires_grad:
                 frozen_ids.append(id(p))
+        per_group.append(tuple(names))
+    frozen: tuple[str, ...] = ()
+    if frozen_ids and model is not None:
+        ids = set(frozen_ids)
+        frozen = tuple(n for n, p in model.named_parameters() if id(p) in ids)
+    elif frozen_ids:
+        frozen = tuple(f"<parameter {i}>" for i in range(len(frozen_ids)))
+    return tuple(per_group), frozen, held
+
+
+def _describe(optimizer: torch.optim.Optimizer, holdings: _Holdings) -> OptimizerInfo:
+    """``optimizer``'s hyper-parameters as they are now (host), with what its groups hold."""
+    per_group, frozen, held = holdings
+    groups = []
+    for i, (g, names) in enumerate(zip(optimizer.param_groups, per_group)):
         betas = g.get("betas")
         groups.append(
             GroupInfo(
@@ -190,15 +214,9 @@ def describe_optimizer(
                 momentum=_float(g.get("momentum")) if "momentum" in g else None,
                 betas=tuple(float(b) for b in betas) if isinstance(betas, (tuple, list)) else None,
                 weight_decay=_float(g.get("weight_decay")) or 0.0,
-                layers=tuple(names),
+                layers=names,
             )
         )
-    frozen: tuple[str, ...] = ()
-    if frozen_ids and model is not None:
-        ids = set(frozen_ids)
-        frozen = tuple(n for n, p in model.named_parameters() if id(p) in ids)
-    elif frozen_ids:
-        frozen = tuple(f"<parameter {i}>" for i in range(len(frozen_ids)))
     return OptimizerInfo(type(optimizer).__name__, tuple(groups), frozen, held)
 
 
@@ -293,15 +311,20 @@ class _Kept:
         self.convert = False  # whether the joined sample needs a conversion to float32 on the sampler's device
 
 
-_DATA_PTR = operator.methodcaller("data_ptr")
-#: Sizes of tensors sampled whole that get a reduction of their own (the sizes with the most entries); the tensors
-#: of other sizes are summed by one segment reduction (4 ops). Bounds the ops of a measure whatever the model.
+_DATA_PTR = Tensor.data_ptr  # the C method itself: no attribute lookup per tensor
+#: Entries per row of the grid: the tensors sampled by runs and those sampled whole whose size is a multiple of it
+#: lie side by side in rows of this many entries (4 cache lines in float32), whose norms are one vectorised
+#: reduction whatever the tensors' sizes and number.
+GRID = 64
+#: Sizes of tensors sampled whole off the grid that get a reduction of their own (the sizes with the most entries);
+#: the tensors of other sizes are summed by one segment reduction (4 ops). Bounds the ops of a measure whatever the
+#: model.
 SIZE_GROUPS = 4
 
 
 @dataclass(frozen=True)
 class _Block:
-    """Consecutive tensors of one sample size: entries ``[start, start + count * size)``, pieces ``[first, ...)``."""
+    """Consecutive tensors of one sample size: entries ``[start, start + count * size)``, columns ``[first, ...)``."""
 
     start: int
     first: int
@@ -325,11 +348,17 @@ class _Sampler:
     64 runs) where whole units differ in scale with a coefficient of variation ``c``: far below the two orders
     of magnitude between the thresholds the detectors and remedies compare it with.
 
-    Layout (:attr:`pieces`, :attr:`params`; :attr:`index` names each entry's layer): the runs of every tensor
-    sampled by runs (all of one size), in parameter order; then the tensors sampled whole: those of the
-    :data:`SIZE_GROUPS` sizes with the most entries first, one size after the other, then the rest, each in
-    parameter order. Tensors of one size lie side by side (:attr:`blocks`), so their sums of squares are one
-    vectorised reduction of a ``(count, size)`` view; the rest (:attr:`rest`) take one segment reduction.
+    Layout (:attr:`pieces`, :attr:`params`; :attr:`index` names each entry's layer): first the grid, reduced as
+    rows of :attr:`width` entries (a multiple of :data:`GRID` for samples of 1024 or 256), one vector norm for them
+    all: every tensor sampled by runs, joined by one ``cat`` of their ``(runs, 16)`` views, then every tensor sampled
+    whole whose size is a multiple of :data:`GRID`, each in parameter order. Then the other tensors sampled whole (odd
+    sizes: a classifier's bias): those of the :data:`SIZE_GROUPS` sizes with the most entries first, one size after
+    the other, then the rest, each in parameter order. The tensors sampled whole are joined by one ``cat`` of
+    contiguous flat views (a ``cat`` of contiguous tensors copies each in one piece; one strided input would make it
+    copy all of them entry by entry). Tensors off the grid of one size lie side by side (:attr:`blocks`), so their
+    norms are one vectorised reduction of a ``(count, size)`` view; the rest (:attr:`rest`) take one segment
+    reduction. A reduction's outputs are *columns*: one per grid row, then one per tensor off the grid
+    (:attr:`columns`, the layer of each in :attr:`column_layer`).
 
     Args:
         layers: the watched layers.
@@ -339,38 +368,58 @@ class _Sampler:
 
     def __init__(self, layers: Sequence[Layer], per_tensor: int, device: torch.device) -> None:
         self.device = device
+        #: Entries of a run (the rows of the ``cat`` that joins the grid).
+        self.run = min(RUN, per_tensor)
+        width = math.gcd(GRID, per_tensor // self.run * self.run)
+        width = width if width % self.run == 0 else self.run
         found: list[tuple[_Piece, nn.Parameter]] = []
         for i, layer in enumerate(layers):
             for p in layer.params:
                 shape = _local(p).shape  # the local shard's under FSDP2 (what is sampled)
                 if math.prod(shape) > 0:
                     found.append((_plan(i, shape, per_tensor), p))
+        sizes = {f.size for f, _ in found if f.runs or f.numel % width == 0}
+        #: Entries per row of the grid: the widest rows (the fastest reduction) holding the same tensors as rows of
+        #: :data:`GRID`: the greatest common divisor of their sample sizes (a whole number of runs).
+        self.width = math.gcd(*sizes) if sizes else width
         runs = [fp for fp in found if fp[0].runs]
-        whole = [fp for fp in found if not fp[0].runs]
-        count = collections.Counter(f.size for f, _ in whole)
+        grid = runs + [fp for fp in found if not fp[0].runs and fp[0].numel % self.width == 0]
+        flat = [fp for fp in found if not (fp[0].runs or fp[0].numel % self.width == 0)]
+        count = collections.Counter(f.size for f, _ in flat)
         shared = sorted(count, key=lambda s: (-s * count[s], s))[:SIZE_GROUPS]
         rank = {s: i for i, s in enumerate(shared)}
-        whole.sort(key=lambda fp: rank.get(fp[0].size, len(shared)))  # stable: parameter order within a size
-        found = runs + whole
+        flat.sort(key=lambda fp: rank.get(fp[0].size, len(shared)))  # stable: parameter order within a size
+        found = grid + flat
         self.pieces: list[_Piece] = [f for f, _ in found]
         self.params: list[nn.Parameter] = [p for _, p in found]
         self._n_runs = len(runs)
+        self._n_grid = len(grid)
+        #: Entries of the tensors sampled by runs (the first ones of the sample).
         self.run_entries = sum(f.size for f, _ in runs)
+        #: Entries of the grid (the first ones of the sample).
+        self.grid_entries = sum(f.size for f, _ in grid)
         self.entries = sum(f.size for f in self.pieces)
+        #: Rows of the grid: its columns.
+        self.rows = self.grid_entries // self.width
         blocks: list[_Block] = []
-        start = first = 0
-        for n, size in [(len(runs), runs[0][0].size if runs else 0)] + [(count[s], s) for s in shared]:
-            if n:
-                blocks.append(_Block(start, first, n, size))
-            start, first = start + n * size, first + n
-        #: Tensors of one size side by side: the runs, then each shared size of the tensors sampled whole.
+        start, first = self.grid_entries, self.rows
+        for s in shared:
+            blocks.append(_Block(start, first, count[s], s))
+            start, first = start + count[s] * s, first + count[s]
+        #: Tensors off the grid of one size side by side: each shared size.
         self.blocks: tuple[_Block, ...] = tuple(blocks)
-        #: ``(first entry, first piece)`` of the tensors sampled whole in no block.
+        #: ``(first entry, first column)`` of the tensors off the grid in no block.
         self.rest: tuple[int, int] = (start, first)
+        self._rest_sizes = [f.size for f in self.pieces[self._n_grid + sum(b.count for b in blocks) :]]
+        #: Columns of a reduction: the grid's rows, then one per tensor off the grid.
+        self.columns = first + len(self._rest_sizes)
         # A DTensor holds no storage of its own (a new local view every step): its views are remade every call.
         self._plain = not any(callable(getattr(p, "to_local", None)) for p in self.params)
-        self._rest_sizes = [f.size for f in self.pieces[first:]]
-        self._piece_layer = torch.tensor([f.layer for f in self.pieces], dtype=torch.long, device=device)
+        grid_layers = [f.layer for f in self.pieces[: self._n_grid] for _ in range(f.size // self.width)]
+        #: long[columns]: the layer of each column.
+        self.column_layer = torch.tensor(
+            grid_layers + [f.layer for f in self.pieces[self._n_grid :]], dtype=torch.long, device=device
+        )
         self._index: Tensor | None = None
         # segment_reduce has CPU and CUDA kernels; on other devices the rest's sums go entry by entry (index_add).
         self.segmented = device.type in ("cpu", "cuda")
@@ -397,7 +446,7 @@ class _Sampler:
         if self._plain:
             try:
                 ptrs = list(map(_DATA_PTR, tensors))
-            except AttributeError:  # a parameter without a gradient
+            except TypeError:  # a parameter without a gradient
                 ptrs = [t.data_ptr() if t is not None else 0 for t in tensors]
         if ptrs is None or kept.ptrs != ptrs:
             kept.ptrs = ptrs if self._remake(tensors, kept) else None
@@ -439,7 +488,7 @@ class _Sampler:
         return out.to(torch.float32) if kept.convert else out
 
     def weights_into(self, runs: Tensor, whole: Tensor) -> None:
-        """Write the sampled weights into ``runs`` (float32[run_entries / 16, 16]) and ``whole``: one ``cat`` each.
+        """Write the sampled weights into ``runs`` (float32[run_entries / run, run]) and ``whole``: one ``cat`` each.
 
         The two are the parts of one float32[entries] vector, as :meth:`take` lays it out (a ``cat`` converts to
         their dtype).
@@ -455,12 +504,12 @@ class _Sampler:
         return self.take(self.params, self._weights)
 
     def squares(self, x: Tensor, out: Tensor) -> Callable[[], None]:
-        """A call writing into ``out`` (float32[..., pieces]) the sum of squares of each piece of ``x`` (float32[...,
+        """A call writing into ``out`` (float32[..., columns]) the sum of squares of each column of ``x`` (float32[...,
         entries], the same leading shape; views of kept buffers, so the call is made once and run at every use).
 
-        One vector norm per block (then squared in place), and for the rest one segment reduction of the squares
-        (an ``index_add`` entry by entry where ``segment_reduce`` has no kernel): a fixed number of ops whatever
-        the number of layers.
+        One vector norm for the grid's rows, one per block (then all squared in place), and for the rest one segment
+        reduction of the squares (an ``index_add`` entry by entry where ``segment_reduce`` has no kernel): a fixed
+        number of ops whatever the number of layers.
         """
         lead = tuple(x.shape[:-1])
         norms = [
@@ -470,6 +519,8 @@ class _Sampler:
             )
             for b in self.blocks
         ]
+        if self.rows:
+            norms.insert(0, (x[..., : self.grid_entries].view(*lead, self.rows, self.width), out[..., : self.rows]))
         start, first = self.rest
         grouped = out[..., :first]
         rest_x, rest_out = x[..., start:], out[..., first:]
@@ -513,13 +564,14 @@ class UpdateTracker:
     replaces a tenth of the weights.
 
     Both samples live in one float32[2, entries] buffer made at the first snapshot and kept, one row each. A
-    snapshot is two ``cat`` ops (the runs, the whole tensors) into the row of the weights before the update and
-    the sums of squares of its pieces, summed per layer (``||w_before||^2``). A measure is two ``cat`` ops into
-    the other row, a subtraction in place (the update), one reduction per block of equally sized tensors over
-    both rows at once (:meth:`_Sampler.squares`: ``||w_after||^2`` and ``||dw||^2`` per piece), a sum per layer
-    and the ratio: a fixed number of ops whatever the number of layers. A snapshot taken with the weights the
-    last measure sampled (``same_weights``: a logging step right after the measure, ``log_every=1``) takes that
-    sample and its sums as they are: no op.
+    snapshot is two ``cat`` ops (the grid, the tensors off it) into the row of the weights before the update and
+    the sums of squares of its columns, summed per layer (``||w_before||^2``). A measure is two ``cat`` ops into
+    the other row, a subtraction in place (the update), one norm of the grid's rows and one per block of equally
+    sized tensors off it, over both rows at once (:meth:`_Sampler.squares`: ``||w_after||^2`` and ``||dw||^2`` per
+    column), a sum per layer into one of two kept outputs (taken in turn, so the last measure's ``||w_after||^2``
+    stays while the next is summed) and the ratio: a fixed number of ops whatever the number of layers. A snapshot
+    taken with the weights the last measure sampled (``same_weights``: a logging step right after the measure,
+    ``log_every=1``) takes that sample and its sums as they are: no op.
 
     Args:
         layers: the watched layers.
@@ -532,6 +584,7 @@ class UpdateTracker:
         self._sampler = _Sampler(layers, per_tensor, device)
         self._buf: _Buffer | None = None  # made at the first snapshot
         self._before = 1  # the row of ``_buf`` holding the weights before the update
+        self._turn = 0  # the kept output of the last measure's per-layer sums
         self._w2: Tensor | None = None  # float32[L]: ||w_before||^2 per layer
         self._after: Tensor | None = None  # float32[L]: ||w_after||^2 per layer of the last measure, while current
         self._step: int | None = None
@@ -568,14 +621,15 @@ class UpdateTracker:
             b = self._before
             self._sampler.weights_into(*buf.parts[b])
             buf.row_squares[b]()
-            self._w2 = buf.zeros1.index_add(0, self._sampler._piece_layer, buf.sq1)
+            self._w2 = buf.zeros1.index_add(0, self._sampler.column_layer, buf.sq1)
         self._after = None
         self._step = step
 
     def measure(self) -> tuple[int, Tensor] | None:
         """``(step, ratio[L])`` of the update applied since :meth:`snapshot`, or ``None`` without one.
 
-        The ratio is NaN for layers whose sampled weights were all zero (zero-initialised).
+        The ratio is NaN for layers whose sampled weights were all zero (zero-initialised). It is a view of a kept
+        output, valid until the measure after next.
         """
         if self._step is None or self._buf is None or self._w2 is None:
             return None
@@ -585,26 +639,30 @@ class UpdateTracker:
         self._sampler.weights_into(*buf.parts[a])
         buf.rows[b].sub_(buf.rows[a])  # the update (negated), in the row of the weights before it
         buf.both_squares()
-        sums = buf.zeros2.index_add(1, self._sampler._piece_layer, buf.sq2).unbind(0)
-        self._after, d2, w2 = sums[a], sums[b], self._w2
+        self._turn = t = 1 - self._turn
+        torch.index_add(buf.zeros2, 1, self._sampler.column_layer, buf.sq2, out=buf.sums[t])
+        self._after, d2, w2 = buf.sum_rows[t][a], buf.sum_rows[t][b], self._w2
         return step, d2.div_(w2).sqrt_().masked_fill_(w2 == 0, math.nan)
 
 
 class _Buffer:
-    """The kept buffers of an :class:`UpdateTracker`: both samples, the sums of squares per piece, their views."""
+    """The kept buffers of an :class:`UpdateTracker`: both samples, the sums of squares per column, their views."""
 
     def __init__(self, sampler: _Sampler, n_layers: int) -> None:
         dev = sampler.device
-        e, r, p = sampler.entries, sampler.run_entries, len(sampler.pieces)
+        e, r, c = sampler.entries, sampler.run_entries, sampler.columns
         self.buf = torch.zeros(2, e, device=dev)
         self.rows = (self.buf[0], self.buf[1])
-        run = next((f.run for f in sampler.pieces if f.runs), 1)
         # Each row's runs and whole parts, the outputs of the two cat ops.
-        self.parts = tuple((row[:r].view(-1, run), row[r:]) for row in self.rows)
-        self.sq2 = torch.zeros(2, p, device=dev)  # sums of squares per piece of both rows
-        self.sq1 = torch.zeros(p, device=dev)  # of one row
+        self.parts = tuple((row[:r].view(-1, sampler.run), row[r:]) for row in self.rows)
+        self.sq2 = torch.zeros(2, c, device=dev)  # sums of squares per column of both rows
+        self.sq1 = torch.zeros(c, device=dev)  # of one row
         self.zeros2 = torch.zeros(2, n_layers, device=dev)
         self.zeros1 = torch.zeros(n_layers, device=dev)
+        # A measure's per-layer sums of both rows, in one of two outputs taken in turn; the rows' views.
+        sums = torch.zeros(2, 2, n_layers, device=dev)
+        self.sums = (sums[0], sums[1])
+        self.sum_rows = tuple((s[0], s[1]) for s in self.sums)
         self.both_squares = sampler.squares(self.buf, self.sq2)
         self.row_squares = tuple(sampler.squares(row, self.sq1) for row in self.rows)
 
@@ -1078,6 +1136,10 @@ class Evidence:
         self._unreached: Tensor | None = None
         self._last = EvidenceSnapshot()
         self._g2p: dict[str, float] = {}
+        self._weight_norm: Sequence[float] | None = None  # the last per-layer weight norms read (host)
+        self._keys: tuple[list[str], list[str]] = ([], [])  # layer names, their update-ratio metric keys
+        # (param_groups, (groups, parameters), what they hold): kept while the groups stay, as for _held
+        self._holdings: tuple[list[dict[str, Any]], tuple[int, int], _Holdings] | None = None
         self._exploded: list[int] = []  # steps of recent exploding findings (host)
 
     def bind(self, layers: Sequence[Layer], device: torch.device) -> None:
@@ -1177,7 +1239,7 @@ class Evidence:
 
     # ------------------------------------------------------------------ logging steps
     def readout(self) -> dict[str, Tensor]:
-        """Named 1-D tensors for the logging step's one transfer."""
+        """Named 1-D float32 tensors for the logging step's one transfer, as they are (no op)."""
         out: dict[str, Tensor] = {}
         if self._ratio is not None:
             out["update/ratio"] = self._ratio[1]
@@ -1185,7 +1247,7 @@ class Evidence:
             out["input"] = self._input
         if self.loss is not None and self.loss.seen:
             out.update(self.loss.readout())
-        return {k: v.reshape(-1).to(torch.float32) for k, v in out.items()}
+        return out
 
     def absorb(
         self,
@@ -1200,22 +1262,32 @@ class Evidence:
             values: what :meth:`readout` named, read back.
             grad_norm: this logging step's per-layer gradient norms (host), to probe exactly-zero layers.
             present: which layers had a gradient this step.
-            param_norm: this logging step's per-layer weight norms (host).
+            param_norm: this logging step's per-layer weight norms (host); ``None`` at a logging step that did not
+                read the weights (``param_norm_every``). The gradient-to-weight ratio kept for the update this
+                step's optimizer makes (:attr:`EvidenceSnapshot.update_grad_ratio`, which tells the remedies whether
+                a large update came from an exploding gradient) is then this step's gradient norms over the last
+                weight norms read: the gradient, which can grow by orders of magnitude in a step, is always this
+                step's; the weights move by the update ratio per step (1e-3 healthy, so ~1% over ten steps), far
+                less than the factor 50 the ratio is compared with. Before any weight norms were read it is not
+                updated.
         """
         m: dict[str, float] = {}
         ratio: dict[str, float] = {}
-        update_step = self._last.update_step
-        update_g2p = self._last.update_grad_ratio
+        last = self._last
+        update_step = last.update_step
+        update_g2p = last.update_grad_ratio
         if "update/ratio" in values and self._ratio is not None:
             update_step = self._ratio[0]
             update_g2p = self._g2p
-            for x, r in zip(self.layers, values["update/ratio"]):
-                if math.isfinite(r):
-                    ratio[x.name] = r
-                    m[schema.metric_key(schema.UPDATE_RATIO, x.name)] = r
+            names, keys = self._ratio_keys()
+            isfinite = math.isfinite
+            for name, key, r in zip(names, keys, values["update/ratio"]):
+                if isfinite(r):
+                    ratio[name] = r
+                    m[key] = r
             self._ratio = None
-        input_rms = self._last.input_rms
-        input_max = self._last.input_max
+        input_rms = last.input_rms
+        input_max = last.input_max
         if "input" in values:
             input_rms, input_max = values["input"][0], values["input"][1]
             self._input = None
@@ -1226,23 +1298,23 @@ class Evidence:
             if t.count:
                 loss = {"loss_start": t.start, "loss_last": t.last, "loss_best": t.best, "loss_stalled": t.since,
                         "loss_jump": t.jump, "loss_jump_step": t.jump_step}
-        if grad_norm is not None and self.probe is not None:
+        probe = self.probe
+        if grad_norm is not None and probe is not None and (probe.probing or 0.0 in grad_norm):
             zero = [i for i, g in enumerate(grad_norm) if g == 0.0 and (present is None or present[i])]
-            self.probe.unwatch([i for i in self.probe.watched if i not in zero])
-            self.probe.watch(zero)
-        if grad_norm is not None and param_norm is not None:  # kept for the update this step's one measures
-            self._g2p = {
-                x.name: g / w for x, g, w in zip(self.layers, grad_norm, param_norm) if w > 0 and math.isfinite(g / w)
-            }
+            probe.unwatch([i for i in probe.watched if i not in zero])
+            probe.watch(zero)
+        if param_norm is not None:
+            self._weight_norm = param_norm
+        if grad_norm is not None and self._weight_norm is not None:  # kept for the update this step's one measures
+            self._g2p = self._grad_ratio(grad_norm, self._weight_norm)
         opt = self._optimizer() if self._optimizer is not None else None
-        info = describe_optimizer(opt, self.layers, self.model) if opt is not None else self._last.optimizer
-        last = self._last
+        info = self._describe(opt) if opt is not None else last.optimizer
         self._last = EvidenceSnapshot(
             optimizer=info,
             update_ratio=ratio or last.update_ratio,
             update_step=update_step,
             update_grad_ratio=update_g2p,
-            peak_update=self._peak(ratio, update_g2p, update_step, last.peak_update),
+            peak_update=self._peak(ratio, update_g2p, update_step, last.peak_update, opt),
             input_rms=input_rms,
             input_max=input_max,
             input_layer=self.input.name if self.input is not None else None,
@@ -1256,14 +1328,45 @@ class Evidence:
         )
         return m
 
+    def _ratio_keys(self) -> tuple[list[str], list[str]]:
+        """The layers' names and their update-ratio metric keys (made once per set of layers)."""
+        if len(self._keys[0]) != len(self.layers):
+            names = [x.name for x in self.layers]
+            self._keys = (names, [schema.metric_key(schema.UPDATE_RATIO, n) for n in names])
+        return self._keys
+
+    def _grad_ratio(self, grad_norm: Sequence[float], weight_norm: Sequence[float]) -> dict[str, float]:
+        """``||g|| / ||w||`` per layer, where the weights are not zero and the ratio is finite."""
+        out: dict[str, float] = {}
+        isfinite = math.isfinite
+        for name, g, w in zip(self._ratio_keys()[0], grad_norm, weight_norm):
+            if w > 0:
+                r = g / w
+                if isfinite(r):
+                    out[name] = r
+        return out
+
+    def _describe(self, optimizer: torch.optim.Optimizer) -> OptimizerInfo:
+        """:func:`describe_optimizer` of ``optimizer``, what its groups hold kept while the groups stay (as
+        :meth:`_held_by`): the hyper-parameters are read afresh (a scheduler changes them)."""
+        groups = optimizer.param_groups
+        key = (len(groups), sum(len(g["params"]) for g in groups))
+        cached = self._holdings
+        if cached is None or cached[0] is not groups or cached[1] != key:
+            cached = self._holdings = (groups, key, _holdings(optimizer, self.layers, self.model))
+        return _describe(optimizer, cached[2])
+
     def relate(self, findings: Sequence[Any]) -> list[Any]:
         """A non-finite step within :data:`AFTER_EXPLODING` steps after an ``exploding`` finding ends that explosion:
         its finding then names it (message and ``prior_growth`` evidence), so its remedies rank the explosion's
         causes (init, learning rate, inputs) before the numerics."""
-        from dataclasses import replace
-
-        self._exploded.extend(f.step for f in findings if f.kind == "exploding")
-        self._exploded = sorted(set(self._exploded))[-8:]
+        if not findings:
+            return []
+        exploding = [f.step for f in findings if f.kind == "exploding"]
+        if exploding:
+            self._exploded = sorted({*self._exploded, *exploding})[-8:]
+        if not self._exploded:
+            return list(findings)
         out = []
         for f in findings:
             if f.kind == "nonfinite":
@@ -1279,14 +1382,20 @@ class Evidence:
         return out
 
     def _peak(
-        self, ratio: dict[str, float], g2p: dict[str, float], step: int | None, peak: tuple[str, float, int] | None
+        self,
+        ratio: dict[str, float],
+        g2p: dict[str, float],
+        step: int | None,
+        peak: tuple[str, float, int] | None,
+        opt: torch.optim.Optimizer | None,
     ) -> tuple[str, float, int] | None:
         """The largest update so far on a layer whose gradient was not exploding (or under an Adam-family
-        optimizer, whose update is ~lr per entry whatever the gradient)."""
-        opt = self._optimizer() if self._optimizer is not None else None
+        optimizer, ``opt``, whose update is ~lr per entry whatever the gradient)."""
+        if step is None or not ratio:
+            return peak
         adam = opt is not None and any("betas" in g for g in opt.param_groups)
         for layer, r in ratio.items():
-            if step is None or not math.isfinite(r) or not (adam or g2p.get(layer, math.inf) < _GRAD_EXPLODING):
+            if not math.isfinite(r) or not (adam or g2p.get(layer, math.inf) < _GRAD_EXPLODING):
                 continue
             if peak is None or r > peak[1]:
                 peak = (layer, r, step)

@@ -58,18 +58,20 @@ def _reference(tensors: list[torch.Tensor | None], params: list[nn.Parameter], p
     return torch.cat(out)
 
 
-def _params(model: nn.Module, per_tensor: int = 1024, groups: int = 4) -> list[nn.Parameter]:
-    """Parameters in the samples' order: the ones sampled by runs first; then those sampled whole, the ``groups``
-    sizes with the most entries first (the smaller size first on a tie), one size after the other, then the rest;
-    each in parameter order."""
+def _params(model: nn.Module, per_tensor: int = 1024, groups: int = 4, width: int = 64) -> list[nn.Parameter]:
+    """Parameters in the samples' order: the grid first (those sampled by runs, then those sampled whole whose size is
+    a multiple of ``width``); then the other ones sampled whole, the ``groups`` sizes with the most entries first (the
+    smaller size first on a tie), one size after the other, then the rest; each in parameter order."""
     ps = list(model.parameters())
-    whole = [p for p in ps if p.numel() <= per_tensor]
+    runs = [p for p in ps if p.numel() > per_tensor]
+    grid = runs + [p for p in ps if p.numel() <= per_tensor and p.numel() % width == 0]
+    flat = [p for p in ps if not (p.numel() > per_tensor or p.numel() % width == 0)]
     entries = collections.Counter()
-    for p in whole:
+    for p in flat:
         entries[p.numel()] += p.numel()
     sizes = sorted(entries, key=lambda n: (-entries[n], n))[:groups]
-    ordered = [p for n in sizes for p in whole if p.numel() == n] + [p for p in whole if p.numel() not in sizes]
-    return [p for p in ps if p.numel() > per_tensor] + ordered
+    ordered = [p for n in sizes for p in flat if p.numel() == n] + [p for p in flat if p.numel() not in sizes]
+    return grid + ordered
 
 
 def test_runs_are_spread_over_the_tensor_and_start_in_every_part_of_a_row():
@@ -149,10 +151,14 @@ def test_update_ratio_matches_a_float64_reference_of_the_sampled_entries(segment
     layer = {id(p): i for i, m in enumerate((model[0], model[2], model[4], model[6])) for p in m.parameters()}
     owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
     assert torch.equal(sampler.index, owner)
-    # 3 weights by runs; whole: 512 (3 tensors), then 100 and 48 as blocks of their own, or in the rest
-    blocks = [(3, 1024), (3, 512), (1, 100), (1, 48)] if groups > 1 else [(3, 1024), (3, 512)]
+    # the grid: 3 weights by runs and the 3 tensors of 512, in rows of 512 (the widest dividing both sizes); off it,
+    # 100 and 48 as blocks of their own, or 48 in the rest
+    assert (sampler.grid_entries, sampler.rows, sampler.width) == (3 * 1024 + 3 * 512, 9, 512)
+    blocks = [(1, 100), (1, 48)] if groups > 1 else [(1, 100)]
     assert [(b.count, b.size) for b in sampler.blocks] == blocks
-    assert sampler.rest == ((sampler.entries, 8) if groups > 1 else (3 * 1024 + 3 * 512, 6))
+    assert sampler.rest == ((sampler.entries, 11) if groups > 1 else (4608 + 100, 10))
+    assert sampler.columns == 11
+    assert sampler.column_layer.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3] + [0, 1]
     before = _reference(params, params)
     tracker.snapshot(step=7)
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
@@ -162,7 +168,7 @@ def test_update_ratio_matches_a_float64_reference_of_the_sampled_entries(segment
     assert step == 7 and ratio.dtype == torch.float32
     assert ratio.tolist() == pytest.approx(_expected(_reference(params, params), before, owner, 4), rel=1e-5)
     assert tracker.measure() is None  # one measure per snapshot
-    rest = 0 if segmented or groups > 1 else 8 * (100 + 48)  # the rest's piece of each entry, without segment_reduce
+    rest = 0 if segmented or groups > 1 else 8 * 48  # the rest's piece of each entry, without segment_reduce
     assert tracker.memory_bytes == (3 * 1024 + 100 + 48 + 512 + 512 + 512) * 8 + rest
 
 
@@ -244,14 +250,14 @@ def test_a_zero_initialised_layer_has_no_ratio():
 def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
     seen = []
     for depth in (2, 48):
-        model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(depth)])
+        model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(depth)], nn.Linear(64, 10))  # a bias off the grid
         tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
         tracker.snapshot(step=0)  # makes the views
         tracker.measure()
         with _Ops() as snap:
             tracker.snapshot(step=10)
-        # the runs and the whole tensors into the kept buffer; a norm per block (weights by runs, biases), squared,
-        # summed per layer
+        # the grid (weights by runs, biases of 64) and the tensors off it into the kept buffer; a norm of the grid's
+        # rows and one per block off it (the bias of 10), squared, summed per layer
         assert dict(snap.ops) == {"cat": 2, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1}, depth
         assert tracker._buf is not None and tracker.pending
         before = tracker._buf.rows[tracker._before].clone()
@@ -270,8 +276,7 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
             "sub_": 1,
             "linalg_vector_norm": 2,
             "pow_": 1,
-            "index_add": 1,
-            "unbind": 1,
+            "index_add": 1,  # into a kept output: no new tensor to unbind
             "div_": 1,
             "sqrt_": 1,
             "eq": 1,
@@ -283,10 +288,10 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
 def test_the_sizes_beyond_the_blocks_take_one_segment_reduction_whatever_their_number():
     seen = []
     for depth in (8, 40):
-        widths = [40 + i for i in range(depth + 1)]  # weights by runs; a bias size per layer
+        widths = [40 + i for i in range(depth + 1)]  # weights by runs (the grid); a bias size per layer (off it)
         model = nn.Sequential(*[nn.Linear(widths[i], widths[i + 1]) for i in range(depth)])
         tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
-        assert len(tracker._sampler.blocks) == 1 + 4  # the weights by runs; the 4 sizes with the most entries
+        assert len(tracker._sampler.blocks) == 4  # off the grid: the 4 sizes with the most entries
         params = _params(model)
         layer = {id(p): i for i, m in enumerate(model) for p in m.parameters()}
         owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
