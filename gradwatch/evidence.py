@@ -1280,11 +1280,16 @@ class Evidence:
             update_step = self._ratio[0]
             update_g2p = self._g2p
             names, keys = self._ratio_keys()
+            measured = values["update/ratio"]
             isfinite = math.isfinite
-            for name, key, r in zip(names, keys, values["update/ratio"]):
-                if isfinite(r):
-                    ratio[name] = r
-                    m[key] = r
+            if all(map(isfinite, measured)):  # the usual case: every layer measured (C-level loops)
+                ratio = dict(zip(names, measured))
+                m = dict(zip(keys, measured))
+            else:
+                for name, key, r in zip(names, keys, measured):
+                    if isfinite(r):
+                        ratio[name] = r
+                        m[key] = r
             self._ratio = None
         input_rms = last.input_rms
         input_max = last.input_max
@@ -1392,6 +1397,8 @@ class Evidence:
         """The largest update so far on a layer whose gradient was not exploding (or under an Adam-family
         optimizer, ``opt``, whose update is ~lr per entry whatever the gradient)."""
         if step is None or not ratio:
+            return peak
+        if peak is not None and max(ratio.values()) <= peak[1]:  # the usual case: no update beyond the peak
             return peak
         adam = opt is not None and any("betas" in g for g in opt.param_groups)
         for layer, r in ratio.items():

@@ -413,3 +413,134 @@ def test_evidence_at_every_step_measures_each_update_and_caches_the_optimizer_ma
     opt.add_param_group({"params": [model[2].weight]})
     assert ev.begin(6, None, opt)["optimized"].tolist() == [True, True]
     assert ev.begin(7, None, None)["optimized"].tolist() == [True, True]  # the last optimizer seen
+
+
+def test_the_grid_takes_the_widest_rows_common_to_its_tensors():
+    def sampler(*modules: nn.Module, per_tensor: int = 1024) -> _Sampler:
+        return _Sampler(discover_layers(nn.Sequential(*modules), "module"), per_tensor, torch.device("cpu"))
+
+    # weights by runs (1024), biases of 128 and 384, a LayerNorm of 512: rows of 128; the classifier's 1000 off it
+    s = sampler(nn.Linear(512, 128), nn.Linear(128, 384), nn.LayerNorm(512), nn.Linear(128, 1000))
+    assert (s.width, s.rows, s.grid_entries) == (128, 3 * 8 + 1 + 3 + 4 + 4, 3 * 1024 + 128 + 384 + 512 + 512)
+    assert [(b.count, b.size) for b in s.blocks] == [(1, 1000)] and s.columns == s.rows + 1
+    s = sampler(nn.Linear(64, 64), nn.Linear(64, 10))  # 64 divides every grid tensor; 640 is a multiple of it
+    assert (s.width, s.rows) == (64, 16 + 1 + 10) and [b.size for b in s.blocks] == [10]
+    s = sampler(nn.Linear(5, 7), nn.LayerNorm(7))  # nothing of a multiple of 64: no grid, blocks only
+    assert (s.rows, s.grid_entries) == (0, 0) and [(b.count, b.size) for b in s.blocks] == [(1, 35), (3, 7)]
+    tracker = UpdateTracker(discover_layers(nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7)), "module"), s.device)
+    tracker.snapshot(0)
+    assert tracker.measure()[1].tolist() == [0.0, 0.0]  # nothing moved: a zero update, measured without a grid
+    s = sampler(nn.Linear(64, 64), per_tensor=256)  # the carried-gradient sample: runs of 256, rows of 64
+    assert (s.width, s.rows, s.columns) == (64, 5, 5)
+
+
+def test_the_ratio_of_one_measure_stays_until_the_measure_after_next():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
+    params = _params(model)
+    layer = {id(p): i for i, m in enumerate(model) for p in m.parameters()}
+    owner = torch.tensor([layer[id(p)] for p in params for _ in _entries(tuple(p.shape))])
+    tracker.snapshot(0)
+    ratios, expected = [], []
+    for step in range(1, 4):  # log_every=1
+        before = _reference(params, params)
+        with torch.no_grad():
+            model[0].weight.mul_(1 + 0.1 * step)
+            model[1].bias.add_(0.01)
+        _, ratio = tracker.measure()
+        tracker.snapshot(step, same_weights=True)
+        ratios.append(ratio)
+        expected.append(_expected(_reference(params, params), before, owner, 2))
+        assert ratios[-1].tolist() == pytest.approx(expected[-1], rel=1e-5)
+        if step >= 2:  # the last measure's ratio, untouched by this one
+            assert ratios[-2].tolist() == pytest.approx(expected[-2], rel=1e-5)
+
+
+def test_evidence_at_a_logging_step_dispatches_a_fixed_number_of_ops_whatever_the_depth():
+    from gradwatch.evidence import Evidence
+
+    seen = []
+    for depth in (2, 24):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(depth)], nn.Linear(64, 10))
+        layers = discover_layers(model, "module")
+        ev = Evidence(model, layers, lambda: True)
+        ev.bind(layers, torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):  # log_every=1
+            loss = model(torch.randn(4, 64)).square().mean()
+            loss.backward()
+            loss = loss.detach()
+            with _Ops() as ops:
+                ev.begin(step, loss, opt, [p.grad for p in model.parameters()])
+                ev.end(step, logging=True)
+                values = {k: v.tolist() for k, v in ev.readout().items()}
+            ev.absorb(values, grad_norm=[1.0] * (depth + 1), param_norm=[2.0] * (depth + 1))
+            opt.step()
+            model.zero_grad(set_to_none=True)
+        seen.append(dict(ops.ops))
+    # the measure: the grid and the classifier's bias into the kept row, the update, a norm of the grid's rows and
+    # one of the bias, squared, summed per layer into a kept output, the ratio; the snapshot keeps its sample (no
+    # op); the readout stacks the losses recorded by reference and hands its tensors as they are
+    assert seen[0] == seen[1]
+    measure = {"cat": 2, "sub_": 1, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1, "div_": 1, "sqrt_": 1,
+               "eq": 1, "masked_fill_": 1}
+    assert seen[0] == {**measure, "stack": 1}, seen[0]
+
+
+def _logging_step(ev, model, opt, step, grad_norm=None, param_norm=None):  # noqa: ANN001, ANN202
+    """One log_every=1 step of the evidence alone: begin, end, the transfer, absorb; then the optimizer steps."""
+    model(torch.randn(4, 64)).square().mean().backward()
+    ev.begin(step, None, opt, [p.grad for p in model.parameters()])
+    ev.end(step, logging=True)
+    ev.absorb({k: v.tolist() for k, v in ev.readout().items()}, grad_norm=grad_norm, param_norm=param_norm)
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    return ev.snapshot()
+
+
+def test_a_logging_step_without_weight_norms_relates_its_gradients_to_the_last_weight_norms_read():
+    from gradwatch.evidence import Evidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    layers = discover_layers(model, "module")
+    ev = Evidence(model, layers, lambda: False)
+    ev.bind(layers, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    a, b = (x.name for x in layers)
+    _logging_step(ev, model, opt, 0, [1.0, 3.0], None)  # no weight norms read yet: nothing to relate the gradients to
+    snap = _logging_step(ev, model, opt, 1, [1.0, 3.0], None)
+    assert snap.update_step == 0 and snap.update_grad_ratio == {} and snap.peak_update is None
+    snap = _logging_step(ev, model, opt, 2, [1.0, 200.0], [2.0, 2.0])
+    assert snap.update_step == 1 and snap.update_grad_ratio == {}
+    snap = _logging_step(ev, model, opt, 3, [4.0, 300.0], None)  # this step's gradients over step 2's weight norms
+    assert snap.update_step == 2 and snap.update_grad_ratio == {a: 0.5, b: 100.0}
+    assert snap.peak_update is not None and snap.peak_update[0] == a and snap.peak_update[2] == 2  # b: exploding
+    snap = _logging_step(ev, model, opt, 4, [1.0, 1.0], [0.0, 4.0])  # zero weights: no ratio for that layer
+    assert snap.update_step == 3 and snap.update_grad_ratio == {a: 2.0, b: 150.0}
+    snap = _logging_step(ev, model, opt, 5, [1.0, 1.0], None)
+    assert snap.update_step == 4 and snap.update_grad_ratio == {b: 0.25}
+    assert set(snap.update_ratio) == {a, b} and snap.update_ratio[a] > 0
+
+
+def test_the_optimizer_evidence_reads_the_hyper_parameters_afresh_and_the_holdings_while_the_groups_stay():
+    from gradwatch.evidence import Evidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    layers = discover_layers(model, "module")
+    ev = Evidence(model, layers, lambda: False)
+    ev.bind(layers, torch.device("cpu"))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    a, b = (x.name for x in layers)
+    info = _logging_step(ev, model, opt, 0).optimizer
+    assert info is not None and info.describe() == "SGD lr 0.1 momentum 0.9" and info.groups[0].layers == (a,)
+    opt.param_groups[0]["lr"] = 0.05  # a scheduler's change: read at the next logging step
+    info = _logging_step(ev, model, opt, 1).optimizer
+    assert info.lr_of(a) == 0.05 and info.trainable_held == 2
+    opt.add_param_group({"params": list(model[1].parameters()), "lr": 0.2})
+    info = _logging_step(ev, model, opt, 2).optimizer
+    assert [g.layers for g in info.groups] == [(a,), (b,)] and info.lr_of(b) == 0.2 and info.trainable_held == 4
+    assert info == evidence.describe_optimizer(opt, layers, model)
