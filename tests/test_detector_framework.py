@@ -25,6 +25,8 @@ from gradwatch.detectors import (
     TimeVanishing,
     Vanishing,
 )
+from gradwatch.detectors._common import HostPersistence, HostRow
+from gradwatch.detectors.depth import _LayerFigures
 from gradwatch.layers import Layer
 from gradwatch.temporal import TimeProfile
 
@@ -444,7 +446,7 @@ def test_vanishing_depth_and_nonfinite_by_name() -> None:
     # Every check runs on the host, over the raw figures of each step: the squared gradient norms, the weight
     # norms (new at every step here) and, at the first read, the per-layer floor and element counts.
     values = read(v)
-    assert {k: len(x) for k, x in values.items()} == {"grad_sq": 3 * 4, "param_norm": 3 * 4, "floor": 4, "numel": 4}
+    assert {k: len(x) for k, x in values.items()} == {"grad_norm": 3 * 4, "param_norm": 3 * 4, "floor": 4, "numel": 4}
     (f,) = v.collect(values, 2)
     # early quarter = l0, late quarter = l3: RMS ratio 1e-7
     assert (f.kind, f.source, f.step, f.layer) == ("vanishing", "depth", 1, "l0")
@@ -483,3 +485,54 @@ def test_state_dict_round_trips_through_a_monitor_that_is_not_bound_yet() -> Non
                                                                 "count": 1.0}
     s.load_state_dict({"mean": torch.tensor(0.5), "var": torch.tensor(0.1), "count": torch.tensor(30.0)})
     assert (s.mean, s.count) == (0.5, 30.0)
+
+
+# ------------------------------------------------------------------------------- host-side checks
+def test_host_persistence_equals_the_device_persistence_stepwise() -> None:
+    """The per-layer checks that run on the host keep Persistence's semantics exactly: streaks, severity-scaled
+    immediates, the first step and value latched until read, the last value kept after the read."""
+    rng = random.Random(5)
+    T, n = 60, 7
+    state = DeviceState()
+    dev = Persistence(state, "c", n, persist=3)
+    state.bind(CPU)
+    host = HostPersistence(n, persist=3)
+    for t in range(T):
+        cond = [rng.random() < 0.7 for _ in range(n)]
+        imm = [rng.random() < 0.03 for _ in range(n)]
+        values = [rng.uniform(-5, 5) for _ in range(n)]
+        v32 = torch.tensor(values)
+        dev.update(torch.tensor(cond), v32, torch.tensor(float(t)), immediate=torch.tensor(imm))
+        host.advance([i for i in range(n) if cond[i]], v32.tolist(), t, [i for i in range(n) if imm[i]])
+        assert host.streak == dev.streak.tolist()
+        if rng.random() < 0.25 or t == T - 1:
+            got = host.fired()
+            want = dev.fired(read(state))
+            assert [(f.index, f.step, f.value) for f in got] == [(f.index, f.step, f.value) for f in want]
+            sd = state.state_dict()["c"]
+            assert host.fired_step == sd["fired_step"].tolist() and host.fired_value == sd["fired_value"].tolist()
+
+
+def test_host_layer_ratios_are_the_float32_device_figures() -> None:
+    """The gradient-to-weight ratios compared on the host are the float32 figures the device computes (from
+    the device's gradient norms, divided and rounded to float32), NaN where the ratio means nothing: a zero,
+    infinite or NaN gradient, an absent layer, a weight norm at or below the zero-weight floor, or not finite."""
+    rng = random.Random(6)
+    n = 256
+    ctx = ctx_for(n)
+    ctx.numel = torch.tensor([float(rng.choice([1, 10, 1000, 10**6])) for _ in range(n)])
+    lay = _LayerFigures(ctx)
+    lay.take_consts({k: v.tolist() for k, v in lay.consts().items()})
+    g = torch.tensor([rng.choice([0.0, math.inf, math.nan, *[10 ** rng.uniform(-30, 30)] * 5]) for _ in range(n)])
+    norm = g.sqrt()  # the device's square roots (float32 sqrt on a CPU is not always correctly rounded)
+    pn = torch.tensor([rng.choice([0.0, math.inf, 1e-9, *[10 ** rng.uniform(-4, 4)] * 5]) for _ in range(n)])
+    present = tuple(rng.random() < 0.9 for _ in range(n))
+    floor = 1e-6 * ctx.numel.sqrt()
+    usable = (g > 0) & (g < math.inf) & torch.tensor(present)
+    valid = usable & (pn > floor) & (pn < math.inf)
+    want = torch.where(valid, norm / pn.clamp_min(1e-30), math.nan).tolist()
+    lay.param_norm(pn.tolist(), 0)
+    row = HostRow(0, present, {"grad_norm": norm.tolist()}, {})
+    got = lay.ratios(row)
+    assert [x if x == x else "nan" for x in got] == [x if x == x else "nan" for x in want]
+    assert sum(x == x for x in want) > n // 4  # many ratios mean something

@@ -290,17 +290,24 @@ Getter = Callable[[StepEvidence], "Tensor | None"]
 
 
 class HostRow(NamedTuple):
-    """One recorded step on the host: its number, which layers had a gradient, and its columns' values."""
+    """One recorded step on the host: its number, which layers had a gradient, its columns' values, and a
+    dict for what the detectors that read the same step derive from it alike (:meth:`StepEvidence.derived`)."""
 
     step: int
     present: tuple[bool, ...]
     cols: dict[str, list[float]]
+    memo: dict[Any, Any]
 
 
 class _Block(NamedTuple):
     steps: list[int]
     present: list[tuple[bool, ...]]
+    memo: list[dict[Any, Any]]
     cols: dict[str, tuple[list[int], Tensor, int]]  # name -> (rows that have it, tensor, values per row)
+
+
+def _memo(ev: StepEvidence) -> dict[Any, Any]:
+    return ev.derived(("host",), dict)  # type: ignore[no-any-return]
 
 
 def host_list(v: Any) -> list[float]:
@@ -349,6 +356,16 @@ class HostRows:
 
     def _block(self, rows: list[StepEvidence]) -> _Block:
         cols: dict[str, tuple[list[int], Tensor, int]] = {}
+        if len(rows) == 1:  # one step (log_every=1): its own tensors, no op
+            ev = rows[0]
+            for name, get in self.columns.items():
+                t = get(ev)
+                if t is not None:
+                    cols[name] = ([0], t, t.numel())
+            if self.extra is not None:
+                for name, t in self.extra(rows).items():
+                    cols[name] = ([0], t, t.numel())
+            return _Block([ev.stats.step], [ev.stats.present_host], [_memo(ev)], cols)
         for name, get in self.columns.items():
             items = [get(ev) for ev in rows]
             have = [i for i, x in enumerate(items) if x is not None]
@@ -366,7 +383,9 @@ class HostRows:
         if self.extra is not None:
             for name, t in self.extra(rows).items():
                 cols[name] = (list(range(len(rows))), t, t.shape[-1] if t.dim() else 1)
-        return _Block([ev.stats.step for ev in rows], [ev.stats.present_host for ev in rows], cols)
+        return _Block(
+            [ev.stats.step for ev in rows], [ev.stats.present_host for ev in rows], [_memo(ev) for ev in rows], cols
+        )
 
     def _pending(self) -> list[_Block]:
         blocks = self._blocks + ([self._block(self._rows)] if self._rows else [])
@@ -375,6 +394,8 @@ class HostRows:
 
     @staticmethod
     def _tensors(blocks: list[_Block]) -> dict[str, Tensor]:
+        if len(blocks) == 1:
+            return {n: c[1] for n, c in blocks[0].cols.items()}
         names = list(dict.fromkeys(n for b in blocks for n in b.cols))
         out = {}
         for n in names:
@@ -412,6 +433,9 @@ class HostRows:
 
     @staticmethod
     def _split(blocks: list[_Block], values: dict[str, Any]) -> list[HostRow]:
+        if len(blocks) == 1 and len(blocks[0].steps) == 1:  # one step: every value is its own
+            b = blocks[0]
+            return [HostRow(b.steps[0], b.present[0], {n: host_list(values[n]) for n in b.cols}, b.memo[0])]
         out: list[HostRow] = []
         pos = {n: 0 for n in values}
         for b in blocks:
@@ -428,7 +452,7 @@ class HostRows:
                 else:
                     for k, i in enumerate(have):
                         cols[i][n] = part[k * w : (k + 1) * w]
-            out += [HostRow(s, p, c) for s, p, c in zip(b.steps, b.present, cols)]
+            out += [HostRow(s, p, c, m) for s, p, c, m in zip(b.steps, b.present, cols, b.memo)]
         return out
 
     def reset(self) -> None:

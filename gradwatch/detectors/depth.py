@@ -50,9 +50,10 @@ _F32_MAX = 3.4e38
 class _LayerFigures:
     """What Vanishing and Exploding compare per layer, on the host, from the values read back at the logging step.
 
-    The device's arithmetic is float32; so is this (every figure read back is a float32 value, and a square
-    root or a quotient of two of them computed in float64 and rounded to float32 is the float32 result
-    itself): the gradient-to-weight ratio ``||g|| / ||w||`` per layer, NaN where it means nothing. It means
+    The device's arithmetic is float32; so is this (the gradient norms and weight norms read back are the
+    device's float32 figures, and a quotient of two float32 values computed in float64 and rounded to
+    float32 is the float32 quotient itself): the gradient-to-weight ratio ``||g|| / ||w||`` per layer, NaN
+    where it means nothing. It means
     something where the layer has a finite, non-zero gradient and a finite weight norm above ``floor``
     (``_ZERO_WEIGHT_RMS`` times the root of its element count: deliberately zero weights give a ratio that
     means nothing; a non-finite weight norm, weights already overflowed, would give 0), so every comparison
@@ -72,6 +73,7 @@ class _LayerFigures:
         self.early, self.late = (list(w[:k]), list(w[-k:])) if self.depth_enabled else ([], [])
         self.first_layer = w[0] if w else 0
         self.floor_t = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()  # float32, read back once (the first read)
+        self._ctx = id(ctx)  # detectors bound to one context derive the same figures from the same step
         self.numel_t = ctx.numel
         self.floor: list[float] | None = None
         self._half_log_numel: list[float] = []
@@ -81,6 +83,8 @@ class _LayerFigures:
         """No weight norm known (the ratios are NaN until a step brings them)."""
         self._pn: list[float] | None = None  # the last weight norms known, NaN where no ratio means anything
         self._raw: list[float] | None = None  # the last weight norms known, as read
+        self._pn_at: int | None = None  # the step that brought them
+        self._total_all = math.nan  # their total norm
 
     def consts(self) -> dict[str, Tensor]:
         """The per-layer constants to read back once (none once known)."""
@@ -97,11 +101,12 @@ class _LayerFigures:
         if self.floor is None:
             self.take_consts({"floor": self.floor_t.tolist(), "numel": self.numel_t.tolist()})
 
-    def param_norm(self, pn: list[float]) -> None:
-        """New weight norms (a logging step brought them)."""
+    def param_norm(self, pn: list[float], step: int) -> None:
+        """New weight norms (brought by step ``step``)."""
         assert self.floor is not None
         inf = math.inf
-        self._raw = pn
+        self._raw, self._pn_at = pn, step
+        self._total_all = math.sqrt(math.fsum(p * p for p in pn))
         self._pn = [p if f < p < inf else math.nan for p, f in zip(pn, self.floor)]
 
     def total_weight(self, present: tuple[bool, ...]) -> float:
@@ -110,33 +115,48 @@ class _LayerFigures:
         if raw is None:
             return math.nan
         if all(present):
-            return math.sqrt(math.fsum(p * p for p in raw))
+            return self._total_all
         return math.sqrt(math.fsum(p * p for p, ok in zip(raw, present) if ok))
 
-    def ratios(self, g: list[float], present: tuple[bool, ...]) -> list[float]:
-        """float32 ``||g|| / ||w||`` per layer from the squared gradient norms ``g``; NaN where it means nothing."""
+    def ratios(self, row: HostRow) -> list[float]:
+        """float32 ``||g|| / ||w||`` per layer of the row; NaN where it means nothing (shared through the row's memo
+        by the detectors that know the same weight norms)."""
+        key = ("ratios", self._ctx, self._pn_at)
+        out = row.memo.get(key)
+        if out is None:
+            out = row.memo[key] = self._ratios(row.cols["grad_norm"], row.present)
+        return out  # type: ignore[no-any-return]
+
+    def _ratios(self, norms: list[float], present: tuple[bool, ...]) -> list[float]:
         pn = self._pn
         if pn is None:
             return [math.nan] * self.n
-        norms = array("f", map(math.sqrt, g))  # sqrt(NaN) is NaN: no finite ratio
-        r = array("f", map(operator.truediv, norms, pn)).tolist()  # pn: NaN where invalid, never 0
-        if 0.0 in g or math.inf in g:  # not usable: a zero or an infinite gradient
-            r = [x if 0.0 < v < math.inf else math.nan for x, v in zip(r, g)]
+        # The device's norms (its float32 square roots, not the host's: they differ in the last bit at times).
+        r = array("f", map(operator.truediv, norms, pn)).tolist()  # pn: NaN where invalid, never 0; NaN / x: NaN
+        if 0.0 in norms or math.inf in norms:  # not usable: a zero or an infinite gradient
+            r = [x if 0.0 < v < math.inf else math.nan for x, v in zip(r, norms)]
         if not all(present):
             r = [x if p else math.nan for x, p in zip(r, present)]
         return r
 
-    def log_ratio(self, g: list[float], present: tuple[bool, ...]) -> float:
-        """log(early RMS / late RMS), NaN where a group has no usable layer (float64)."""
+    def log_ratio(self, row: HostRow) -> float:
+        """log(early RMS / late RMS) of the row, NaN where a group has no usable layer (float64)."""
         if not self.depth_enabled:
             return math.nan
+        key = ("log_ratio", self._ctx)
+        out = row.memo.get(key)
+        if out is None:
+            out = row.memo[key] = self._log_ratio(row.cols["grad_norm"], row.present)
+        return out  # type: ignore[no-any-return]
+
+    def _log_ratio(self, norms: list[float], present: tuple[bool, ...]) -> float:
         means = []
         for group in (self.early, self.late):
             s, c = 0.0, 0
             for i in group:
-                v = g[i]
+                v = norms[i]
                 if 0.0 < v < math.inf and present[i]:
-                    s += 0.5 * math.log(v) - self._half_log_numel[i]
+                    s += math.log(v) - self._half_log_numel[i]
                     c += 1
             if not c:
                 return math.nan
@@ -203,7 +223,7 @@ class Vanishing(Detector):
         relu = [k == "relu" and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
         self._relu = [i for i, r in enumerate(relu) if r]
         columns: dict[str, Any] = {
-            "grad_sq": lambda ev: ev.stats.grad_sq,
+            "grad_norm": lambda ev: ev.stats.grad_norm,
             "param_norm": lambda ev: ev.stats.param_norm,
             "unreached": lambda ev: ev.unreached,
         }
@@ -241,11 +261,12 @@ class Vanishing(Detector):
         weight = lay.weight
         # The dying check needs the ReLUs' on-fractions on every step of the window (else it never holds).
         gains = self._relu and all("act_active" in r.cols for r in rows)
-        for step, present, cols in rows:
-            g = cols["grad_sq"]
+        for row in rows:
+            step, present, cols, _ = row
+            g = cols["grad_norm"]  # zero exactly where the squared norm is
             if "param_norm" in cols:
-                lay.param_norm(cols["param_norm"])
-            ratio = lay.ratios(g, present)
+                lay.param_norm(cols["param_norm"], step)
+            ratio = lay.ratios(row)
             low = [i for i in weight if ratio[i] < low_at]
             zero: list[int] = []
             if 0.0 in g:  # an exact zero at a weight layer with a gradient, that backward wrote and nothing explains
@@ -257,7 +278,7 @@ class Vanishing(Detector):
             self._zero.advance(zero, g, step)
             self._ratio.advance(low, ratio, step)
             # depth: log ratio below the threshold's log (NaN, no usable layer: False)
-            log_r = lay.log_ratio(g, present)
+            log_r = lay.log_ratio(row)
             depth = log_r < self._depth_at
             host.advance(0, depth, math.exp(log_r), step, persist)
             dying, gain = False, math.nan
@@ -597,7 +618,7 @@ class Exploding(Detector):
         self._ratio = HostPersistence(len(ctx.layers), self.persist)
         self._layers = _LayerFigures(ctx)
         self._rows = HostRows({
-            "grad_sq": lambda ev: ev.stats.grad_sq,
+            "grad_norm": lambda ev: ev.stats.grad_norm,
             "total_norm": lambda ev: ev.stats.total_norm,
             "param_norm": lambda ev: ev.stats.param_norm,
         })
@@ -619,15 +640,15 @@ class Exploding(Detector):
         (four figures per step: the total norm, the total weight norm, the depth log ratio, a ratio check held)."""
         lay, high_at, far_at = self._layers, self._high_at, self._far_at
         figures: list[float] = []
-        for step, present, cols in rows:
-            g = cols["grad_sq"]
+        for row in rows:
+            step, present, cols, _ = row
             if "param_norm" in cols:
-                lay.param_norm(cols["param_norm"])
-            ratio = lay.ratios(g, present)
+                lay.param_norm(cols["param_norm"], step)
+            ratio = lay.ratios(row)
             high = [i for i, r in enumerate(ratio) if r > high_at]
             self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at])
             total = cols["total_norm"][0]
-            figures += [total, lay.total_weight(present), lay.log_ratio(g, present), 1.0 if high else 0.0]
+            figures += [total, lay.total_weight(present), lay.log_ratio(row), 1.0 if high else 0.0]
         self._host.run([r.step for r in rows], figures)
 
     # -- checkpoints: every check's entries side by side, in ``layout`` order

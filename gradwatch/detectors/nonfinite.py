@@ -48,7 +48,7 @@ class NonFinite(Detector):
         """Latch the first non-finite row (when the latch is free)."""
         if self.fired_step >= 0:
             return
-        for step, _, cols in rows:
+        for step, _, cols, _ in rows:
             if cols["any_nonfinite"][0] > 0:
                 self.fired_step, self.fired_layers = float(step), [float(x) for x in cols["nonfinite"]]
                 return
