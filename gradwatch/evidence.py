@@ -565,13 +565,15 @@ class UpdateTracker:
 
     Both samples live in one float32[2, entries] buffer made at the first snapshot and kept, one row each. A
     snapshot is two ``cat`` ops (the grid, the tensors off it) into the row of the weights before the update and
-    the sums of squares of its columns, summed per layer (``||w_before||^2``). A measure is two ``cat`` ops into
-    the other row, a subtraction in place (the update), one norm of the grid's rows and one per block of equally
-    sized tensors off it, over both rows at once (:meth:`_Sampler.squares`: ``||w_after||^2`` and ``||dw||^2`` per
-    column), a sum per layer into one of two kept outputs (taken in turn, so the last measure's ``||w_after||^2``
-    stays while the next is summed) and the ratio: a fixed number of ops whatever the number of layers. A snapshot
-    taken with the weights the last measure sampled (``same_weights``: a logging step right after the measure,
-    ``log_every=1``) takes that sample and its sums as they are: no op.
+    the sums of squares of its columns, summed per layer (``||w_before||^2``), and ``0 / ||w_before||^2`` (0, or NaN
+    where the weights are zero). A measure is two ``cat`` ops into the other row, a subtraction in place (the
+    update), one norm of the grid's rows and one per block of equally sized tensors off it, over both rows at once
+    (:meth:`_Sampler.squares`: ``||w_after||^2`` and ``||dw||^2`` per column), a sum per layer into one of two kept
+    outputs (taken in turn, so the last measure's ``||w_after||^2`` stays while the next is summed), and the ratio as
+    ``sqrt(0 / ||w||^2 + ||dw||^2 / ||w||^2)`` (one ``addcdiv``, NaN where the weights were zero, and a square
+    root): a fixed number of ops whatever the number of layers. A snapshot taken with the weights the last measure
+    sampled (``same_weights``: a logging step right after the measure, ``log_every=1``) takes that sample and its
+    sums as they are: one op (the division by zero's test).
 
     Args:
         layers: the watched layers.
@@ -586,6 +588,7 @@ class UpdateTracker:
         self._before = 1  # the row of ``_buf`` holding the weights before the update
         self._turn = 0  # the kept output of the last measure's per-layer sums
         self._w2: Tensor | None = None  # float32[L]: ||w_before||^2 per layer
+        self._zero_w: Tensor | None = None  # float32[L]: 0 where ||w_before||^2 > 0, NaN where it is 0 (0 / 0)
         self._after: Tensor | None = None  # float32[L]: ||w_after||^2 per layer of the last measure, while current
         self._step: int | None = None
 
@@ -622,16 +625,16 @@ class UpdateTracker:
             self._sampler.weights_into(*buf.parts[b])
             buf.row_squares[b]()
             self._w2 = buf.zeros1.index_add(0, self._sampler.column_layer, buf.sq1)
+        self._zero_w = torch.div(buf.zeros1, self._w2, out=buf.zero_w)
         self._after = None
         self._step = step
 
     def measure(self) -> tuple[int, Tensor] | None:
         """``(step, ratio[L])`` of the update applied since :meth:`snapshot`, or ``None`` without one.
 
-        The ratio is NaN for layers whose sampled weights were all zero (zero-initialised). It is a view of a kept
-        output, valid until the measure after next.
+        The ratio is NaN for layers whose sampled weights were all zero (zero-initialised).
         """
-        if self._step is None or self._buf is None or self._w2 is None:
+        if self._step is None or self._buf is None or self._w2 is None or self._zero_w is None:
             return None
         step, self._step = self._step, None
         buf, b = self._buf, self._before
@@ -641,8 +644,9 @@ class UpdateTracker:
         buf.both_squares()
         self._turn = t = 1 - self._turn
         torch.index_add(buf.zeros2, 1, self._sampler.column_layer, buf.sq2, out=buf.sums[t])
-        self._after, d2, w2 = buf.sum_rows[t][a], buf.sum_rows[t][b], self._w2
-        return step, d2.div_(w2).sqrt_().masked_fill_(w2 == 0, math.nan)
+        self._after, d2 = buf.sum_rows[t][a], buf.sum_rows[t][b]
+        # ||dw||^2 / ||w||^2 plus 0, or NaN where ||w||^2 is 0: one op for the quotient and its undefined cases
+        return step, torch.addcdiv(self._zero_w, d2, self._w2).sqrt_()
 
 
 class _Buffer:
@@ -659,6 +663,7 @@ class _Buffer:
         self.sq1 = torch.zeros(c, device=dev)  # of one row
         self.zeros2 = torch.zeros(2, n_layers, device=dev)
         self.zeros1 = torch.zeros(n_layers, device=dev)
+        self.zero_w = torch.zeros(n_layers, device=dev)  # the snapshot's 0 / ||w_before||^2
         # A measure's per-layer sums of both rows, in one of two outputs taken in turn; the rows' views.
         sums = torch.zeros(2, 2, n_layers, device=dev)
         self.sums = (sums[0], sums[1])

@@ -192,7 +192,7 @@ def test_a_snapshot_of_the_weights_the_measure_just_sampled_keeps_that_sample():
         assert ratio.tolist() == pytest.approx(_expected(_reference(params, params), before, owner, 3), rel=1e-5)
         with _Ops() as snap:
             tracker.snapshot(step, same_weights=True)
-        assert dict(snap.ops) == {}  # the measure's sample and sums, as they are
+        assert dict(snap.ops) == {"div": 1}  # the measure's sample and sums, as they are; 0 / ||w||^2
         assert ops.ops["cat"] == 2
     tracker.snapshot(9, same_weights=True)  # no measure since: sampled afresh
     assert tracker._after is None
@@ -257,8 +257,8 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
         with _Ops() as snap:
             tracker.snapshot(step=10)
         # the grid (weights by runs, biases of 64) and the tensors off it into the kept buffer; a norm of the grid's
-        # rows and one per block off it (the bias of 10), squared, summed per layer
-        assert dict(snap.ops) == {"cat": 2, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1}, depth
+        # rows and one per block off it (the bias of 10), squared, summed per layer; 0 / ||w||^2 (NaN where zero)
+        assert dict(snap.ops) == {"cat": 2, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1, "div": 1}, depth
         assert tracker._buf is not None and tracker.pending
         before = tracker._buf.rows[tracker._before].clone()
         with torch.no_grad():
@@ -277,10 +277,8 @@ def test_a_snapshot_and_a_measure_dispatch_the_same_ops_whatever_the_depth():
             "linalg_vector_norm": 2,
             "pow_": 1,
             "index_add": 1,  # into a kept output: no new tensor to unbind
-            "div_": 1,
+            "addcdiv": 1,  # 0 / ||w||^2 + ||dw||^2 / ||w||^2: NaN where the weights were zero
             "sqrt_": 1,
-            "eq": 1,
-            "masked_fill_": 1,
         }
     )
 
@@ -399,7 +397,7 @@ def test_evidence_at_every_step_measures_each_update_and_caches_the_optimizer_ma
         assert out["carried"] is None and out["unreached"] is None
         with _Ops() as ops:
             ev.end(step, logging=True)
-        assert not ops.ops or before is None  # after a measure: its sample, no op
+        assert dict(ops.ops) == {"div": 1} or before is None  # after a measure: its sample and sums, 0 / ||w||^2
         before = _reference(params, params)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -434,7 +432,7 @@ def test_the_grid_takes_the_widest_rows_common_to_its_tensors():
     assert (s.width, s.rows, s.columns) == (64, 5, 5)
 
 
-def test_the_ratio_of_one_measure_stays_until_the_measure_after_next():
+def test_every_measure_of_a_log_every_1_run_matches_the_reference_and_keeps_its_ratio():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
     tracker = UpdateTracker(discover_layers(model, "module"), torch.device("cpu"))
@@ -481,12 +479,11 @@ def test_evidence_at_a_logging_step_dispatches_a_fixed_number_of_ops_whatever_th
             model.zero_grad(set_to_none=True)
         seen.append(dict(ops.ops))
     # the measure: the grid and the classifier's bias into the kept row, the update, a norm of the grid's rows and
-    # one of the bias, squared, summed per layer into a kept output, the ratio; the snapshot keeps its sample (no
-    # op); the readout stacks the losses recorded by reference and hands its tensors as they are
+    # one of the bias, squared, summed per layer into a kept output, the ratio; the snapshot keeps its sample and
+    # sums (0 / ||w||^2, one op); the readout stacks the losses recorded by reference and hands its tensors as they are
     assert seen[0] == seen[1]
-    measure = {"cat": 2, "sub_": 1, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1, "div_": 1, "sqrt_": 1,
-               "eq": 1, "masked_fill_": 1}
-    assert seen[0] == {**measure, "stack": 1}, seen[0]
+    measure = {"cat": 2, "sub_": 1, "linalg_vector_norm": 2, "pow_": 1, "index_add": 1, "addcdiv": 1, "sqrt_": 1}
+    assert seen[0] == {**measure, "div": 1, "stack": 1}, seen[0]
 
 
 def _logging_step(ev, model, opt, step, grad_norm=None, param_norm=None):  # noqa: ANN001, ANN202
