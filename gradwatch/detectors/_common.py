@@ -177,48 +177,6 @@ class WindowedChecks(Detector):
         return out
 
 
-class FigureRows:
-    """A detector's model-wide figures, ``k`` per step, kept on the device until the logging step reads them.
-
-    Each fold adds a float32 ``[T, k]`` block with its steps' numbers (no device read); :meth:`readout`
-    hands the blocks over as one flat tensor for the one transfer, and :meth:`read_steps` gives the steps
-    of what it handed over, for the host checks in ``collect``. :meth:`take_pending` brings figures not
-    read yet to the host (one read: checkpoints only).
-    """
-
-    def __init__(self) -> None:
-        self._blocks: list[Tensor] = []
-        self._steps: list[int] = []  # steps of the blocks not read out yet
-        self._read: list[int] = []  # steps of the figures read out, not collected yet
-
-    def add(self, figures: Tensor, steps: list[int]) -> None:
-        """Record one fold's ``[T, k]`` figures for steps ``steps`` (host ints, oldest first)."""
-        self._blocks.append(figures)
-        self._steps.extend(steps)
-
-    def readout(self) -> Tensor | None:
-        """float32[T * k]: the figures recorded since the last read, oldest first (``None``: none)."""
-        if not self._blocks:
-            return None
-        figures = self._blocks[0] if len(self._blocks) == 1 else torch.cat(self._blocks)
-        self._read += self._steps
-        self._blocks, self._steps = [], []
-        return figures.reshape(-1)
-
-    def read_steps(self) -> list[int]:
-        """The step numbers of the figures :meth:`readout` handed over since the last call."""
-        out, self._read = self._read, []
-        return out
-
-    def take_pending(self) -> tuple[list[int], list[float]] | None:
-        """The figures not read out yet, on the host (one read), with their steps; ``None`` when none."""
-        if not self._blocks:
-            return None
-        steps, values = self._steps, torch.cat(self._blocks).reshape(-1).tolist()
-        self._blocks, self._steps = [], []
-        return steps, values
-
-
 class UpdateLossSeries(Detector):
     """Weighs each logging step's largest update-to-weight ratio against the loss, on the host.
 
@@ -480,7 +438,7 @@ class HostPersistence:
         self.fired_step = [-1.0] * self.n
         self.fired_value = [0.0] * self.n
         self._active: set[int] = set()  # entries with a non-zero streak
-        self._latched: set[int] = set()
+        self.latched: set[int] = set()  # entries latched and not read yet
 
     def advance(self, held: list[int], values: list[float], step: int, immediate: list[int] = ()) -> None:  # type: ignore[assignment]
         """One step: ``held`` the entries whose condition holds, ``values`` indexed by entry."""
@@ -492,25 +450,25 @@ class HostPersistence:
             streak[i] += 1.0
             if streak[i] >= self.persist and fired_step[i] < 0:
                 fired_step[i], self.fired_value[i] = float(step), values[i]
-                self._latched.add(i)
+                self.latched.add(i)
         for i in immediate:
             if fired_step[i] < 0:
                 fired_step[i], self.fired_value[i] = float(step), values[i]
-                self._latched.add(i)
+                self.latched.add(i)
         self._active = now
 
     def fired(self) -> list[Fired]:
         """The latched entries (by index), and free them."""
         out = []
-        for i in sorted(self._latched):
+        for i in sorted(self.latched):
             s, v = self.fired_step[i], self.fired_value[i]
             out.append(Fired(i, int(s), v, {"value": v}))
             self.fired_step[i] = -1.0
-        self._latched = set()
+        self.latched = set()
         return out
 
     def load(self, streak: list[float], fired_step: list[float], fired_value: list[float]) -> None:
         """Restore the checkpointed entries."""
         self.streak, self.fired_step, self.fired_value = list(streak), list(fired_step), list(fired_value)
         self._active = {i for i, s in enumerate(self.streak) if s != 0}
-        self._latched = {i for i, s in enumerate(self.fired_step) if s >= 0}
+        self.latched = {i for i, s in enumerate(self.fired_step) if s >= 0}

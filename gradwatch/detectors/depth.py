@@ -333,6 +333,8 @@ class Vanishing(Detector):
         assert self.ctx is not None and self._rows is not None
         self._layers.take_consts(values)
         self._run(self._rows.rows(values))
+        if not (self._zero.latched or self._ratio.latched or max(self._host.fired_step) >= 0):
+            return []  # nothing latched (no entry to free)
         names = self.ctx.names
         host = self._host.fired()
         fired = {"zero": self._zero.fired(), "ratio": self._ratio.fired(), "depth": host[0], "dying": host[1]}
@@ -704,6 +706,8 @@ class Exploding(Detector):
         assert self.ctx is not None and self._rows is not None
         self._layers.take_consts(values)
         self._run(self._rows.rows(values))
+        if not self._ratio.latched and max(self._host.fired_step) < 0:
+            return []  # nothing latched (no entry to free)
         names = self.ctx.names
         fired = {"ratio": self._ratio.fired(), **self._host.fired()}
         out: list[Finding] = []

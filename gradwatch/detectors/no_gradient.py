@@ -149,9 +149,12 @@ class NoGradient(WindowedChecks):
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
+        hits = self.fired_by_source(values)["missing"]
+        inert = self.inert.fired(values)
+        if not hits and not inert:
+            return []
         names = self.ctx.names
         out: list[Finding] = []
-        hits = self.fired_by_source(values)["missing"]
         if hits:
             first = min(hits, key=lambda h: (h.step, h.index))
             layers = tuple(names[h.index] for h in sorted(hits, key=lambda h: h.index))
@@ -171,7 +174,7 @@ class NoGradient(WindowedChecks):
                     layers,
                 )
             )
-        for f in self.inert.fired(values):
+        for f in inert:
             watched = f"{len(names)} trainable layer(s) (from {names[0]})" if names else "the trainable layers"
             out.append(
                 Finding(

@@ -95,6 +95,8 @@ class NonFinite(Detector):
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None
         self._run(self._rows.rows(values))
+        if self.fired_step < 0:
+            return []
         out = []
         names = self.ctx.names
         for f in self._fired():
