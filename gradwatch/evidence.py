@@ -171,6 +171,8 @@ def describe_optimizer(
     return _describe(optimizer, _holdings(optimizer, layers, model))
 
 
+#: ``||g||`` and ``||w||`` per layer at one logging step (host).
+_NormPair = tuple[Sequence[float], Sequence[float]]
 #: Which watched layers each param group holds, the names of the frozen parameters held, the watched parameters held.
 _Holdings = tuple[tuple[tuple[str, ...], ...], tuple[str, ...], int]
 
@@ -1139,8 +1141,18 @@ class Evidence:
         self._measured = False  # whether this step's begin measured an update
         self._unreached_key: tuple[int, ...] = ()
         self._unreached: Tensor | None = None
-        self._last = EvidenceSnapshot()
-        self._g2p: dict[str, float] = {}
+        # The evidence as of the last logging step (host), made into an EvidenceSnapshot when asked (snapshot()).
+        self._last: EvidenceSnapshot | None = EvidenceSnapshot()
+        self._info: OptimizerInfo | None = None
+        self._update: Sequence[float] | None = None  # the last measured ratios with a finite one, per layer
+        self._update_step: int | None = None
+        self._update_g2p: _NormPair | None = None  # ||g||, ||w|| per layer at the step of the update measured
+        self._g2p: _NormPair | None = None  # ||g||, ||w|| per layer kept for the update this step's optimizer makes
+        self._peak_update: tuple[str, float, int] | None = None
+        self._input_scale: tuple[float | None, float | None] = (None, None)  # rms, max |x|
+        self._batch_size: int | None = None
+        self._loss_fields: tuple[Any, ...] = (None, None, None, None)  # start, last, best, stalled
+        self._loss_jump: tuple[float | None, int | None] = (None, None)
         self._weight_norm: Sequence[float] | None = None  # the last per-layer weight norms read (host)
         self._keys: tuple[list[str], list[str]] = ([], [])  # layer names, their update-ratio metric keys
         # (param_groups, (groups, parameters), what they hold): kept while the groups stay, as for _held
@@ -1277,65 +1289,46 @@ class Evidence:
                 updated.
         """
         m: dict[str, float] = {}
-        ratio: dict[str, float] = {}
-        last = self._last
-        update_step = last.update_step
-        update_g2p = last.update_grad_ratio
         if "update/ratio" in values and self._ratio is not None:
-            update_step = self._ratio[0]
-            update_g2p = self._g2p
             names, keys = self._ratio_keys()
             measured = values["update/ratio"]
             isfinite = math.isfinite
-            if all(map(isfinite, measured)):  # the usual case: every layer measured (C-level loops)
-                ratio = dict(zip(names, measured))
+            if all(map(isfinite, measured)):  # the usual case: every layer measured (a C-level loop)
                 m = dict(zip(keys, measured))
             else:
-                for name, key, r in zip(names, keys, measured):
-                    if isfinite(r):
-                        ratio[name] = r
-                        m[key] = r
+                m = {key: r for key, r in zip(keys, measured) if isfinite(r)}
+            if m:
+                self._update = tuple(measured)
+            self._update_step, self._update_g2p = self._ratio[0], self._g2p
+            self._peak_update = self._peak(measured, self._update_g2p, self._update_step, self._peak_update)
             self._ratio = None
-        input_rms = last.input_rms
-        input_max = last.input_max
         if "input" in values:
-            input_rms, input_max = values["input"][0], values["input"][1]
+            self._input_scale = (values["input"][0], values["input"][1])
             self._input = None
-        loss: dict[str, Any] = {}
+        self._batch_size = self.input.batch_size if self.input is not None else None
         if self.loss is not None and "loss/values" in values:
-            self.loss.fold(values["loss/values"])
             t = self.loss
+            t.fold(values["loss/values"])
             if t.count:
-                loss = {"loss_start": t.start, "loss_last": t.last, "loss_best": t.best, "loss_stalled": t.since,
-                        "loss_jump": t.jump, "loss_jump_step": t.jump_step}
+                self._loss_fields = (t.start, t.last, t.best, t.since)
+                self._loss_jump = (t.jump, t.jump_step)
+            else:
+                self._loss_jump = (None, None)
+        else:
+            self._loss_jump = (None, None)
         probe = self.probe
         if grad_norm is not None and probe is not None and (probe.probing or 0.0 in grad_norm):
             zero = [i for i, g in enumerate(grad_norm) if g == 0.0 and (present is None or present[i])]
             probe.unwatch([i for i in probe.watched if i not in zero])
             probe.watch(zero)
         if param_norm is not None:
-            self._weight_norm = param_norm
+            self._weight_norm = tuple(param_norm)
         if grad_norm is not None and self._weight_norm is not None:  # kept for the update this step's one measures
-            self._g2p = self._grad_ratio(grad_norm, self._weight_norm)
+            self._g2p = (tuple(grad_norm), self._weight_norm)
         opt = self._optimizer() if self._optimizer is not None else None
-        info = self._describe(opt) if opt is not None else last.optimizer
-        self._last = EvidenceSnapshot(
-            optimizer=info,
-            update_ratio=ratio or last.update_ratio,
-            update_step=update_step,
-            update_grad_ratio=update_g2p,
-            peak_update=self._peak(ratio, update_g2p, update_step, last.peak_update, opt),
-            input_rms=input_rms,
-            input_max=input_max,
-            input_layer=self.input.name if self.input is not None else None,
-            loss_start=loss.get("loss_start", last.loss_start),
-            loss_last=loss.get("loss_last", last.loss_last),
-            loss_best=loss.get("loss_best", last.loss_best),
-            loss_stalled=loss.get("loss_stalled", last.loss_stalled),
-            loss_jump=loss.get("loss_jump"),
-            loss_jump_step=loss.get("loss_jump_step"),
-            batch_size=self.input.batch_size if self.input is not None else None,
-        )
+        if opt is not None:
+            self._info = self._describe(opt)
+        self._last = None  # made when asked
         return m
 
     def _ratio_keys(self) -> tuple[list[str], list[str]]:
@@ -1345,11 +1338,20 @@ class Evidence:
             self._keys = (names, [schema.metric_key(schema.UPDATE_RATIO, n) for n in names])
         return self._keys
 
-    def _grad_ratio(self, grad_norm: Sequence[float], weight_norm: Sequence[float]) -> dict[str, float]:
-        """``||g|| / ||w||`` per layer, where the weights are not zero and the ratio is finite."""
-        out: dict[str, float] = {}
+    def _grad_ratio(self, norms: _NormPair | None) -> dict[str, float]:
+        """``||g|| / ||w||`` per layer from ``norms`` (``||g||``, ``||w||``), where the weights are not zero and the
+        ratio is finite."""
+        if norms is None:
+            return {}
+        grad_norm, weight_norm = norms
+        names = self._ratio_keys()[0]
         isfinite = math.isfinite
-        for name, g, w in zip(self._ratio_keys()[0], grad_norm, weight_norm):
+        if 0.0 not in weight_norm:  # the usual case: C-level loops
+            ratios = list(map(operator.truediv, grad_norm, weight_norm))
+            if all(map(isfinite, ratios)):
+                return dict(zip(names, ratios))
+        out: dict[str, float] = {}
+        for name, g, w in zip(names, grad_norm, weight_norm):
             if w > 0:
                 r = g / w
                 if isfinite(r):
@@ -1392,21 +1394,20 @@ class Evidence:
         return out
 
     def _peak(
-        self,
-        ratio: dict[str, float],
-        g2p: dict[str, float],
-        step: int | None,
-        peak: tuple[str, float, int] | None,
-        opt: torch.optim.Optimizer | None,
+        self, measured: Sequence[float], norms: _NormPair | None, step: int | None, peak: tuple[str, float, int] | None
     ) -> tuple[str, float, int] | None:
-        """The largest update so far on a layer whose gradient was not exploding (or under an Adam-family
-        optimizer, ``opt``, whose update is ~lr per entry whatever the gradient)."""
-        if step is None or not ratio:
+        """The largest update so far (``measured``: the ratios per layer of the update at ``step``) on a layer whose
+        gradient was not exploding then (``norms``: ``||g||``, ``||w||`` per layer at that step), or under an
+        Adam-family optimizer, whose update is ~lr per entry whatever the gradient."""
+        if step is None:
             return peak
-        if peak is not None and max(ratio.values()) <= peak[1]:  # the usual case: no update beyond the peak
+        finite = [r for r in measured if math.isfinite(r)]
+        if not finite or (peak is not None and max(finite) <= peak[1]):  # the usual case: nothing beyond the peak
             return peak
+        g2p = self._grad_ratio(norms)
+        opt = self._optimizer() if self._optimizer is not None else None
         adam = opt is not None and any("betas" in g for g in opt.param_groups)
-        for layer, r in ratio.items():
+        for layer, r in zip(self._ratio_keys()[0], measured):
             if not math.isfinite(r) or not (adam or g2p.get(layer, math.inf) < _GRAD_EXPLODING):
                 continue
             if peak is None or r > peak[1]:
@@ -1415,9 +1416,32 @@ class Evidence:
 
     def snapshot(self, finding_evidence: Sequence[tuple[str, float]] = ()) -> EvidenceSnapshot:
         """The evidence as of the last logging step, with a finding's own figures."""
+        last = self._last
+        if last is None:
+            isfinite = math.isfinite
+            names = self._ratio_keys()[0]
+            start, loss_last, best, stalled = self._loss_fields
+            rms, top = self._input_scale
+            last = self._last = EvidenceSnapshot(
+                optimizer=self._info,
+                update_ratio={n: r for n, r in zip(names, self._update) if isfinite(r)} if self._update else {},
+                update_step=self._update_step,
+                update_grad_ratio=self._grad_ratio(self._update_g2p),
+                peak_update=self._peak_update,
+                input_rms=rms,
+                input_max=top,
+                input_layer=self.input.name if self.input is not None else None,
+                loss_start=start,
+                loss_last=loss_last,
+                loss_best=best,
+                loss_stalled=stalled,
+                loss_jump=self._loss_jump[0],
+                loss_jump_step=self._loss_jump[1],
+                batch_size=self._batch_size,
+            )
         if not finding_evidence:
-            return self._last
-        return EvidenceSnapshot(**{**self._last.__dict__, "finding": dict(finding_evidence)})
+            return last
+        return EvidenceSnapshot(**{**last.__dict__, "finding": dict(finding_evidence)})
 
     def remove(self) -> None:
         """Remove every hook (input scale, reach probes)."""

@@ -541,3 +541,39 @@ def test_the_optimizer_evidence_reads_the_hyper_parameters_afresh_and_the_holdin
     info = _logging_step(ev, model, opt, 2).optimizer
     assert [g.layers for g in info.groups] == [(a,), (b,)] and info.lr_of(b) == 0.2 and info.trainable_held == 4
     assert info == evidence.describe_optimizer(opt, layers, model)
+
+
+def test_the_evidence_snapshot_follows_the_loss_and_the_input_at_every_logging_step():
+    from gradwatch.evidence import Evidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    layers = discover_layers(model, "module")
+    ev = Evidence(model, layers, lambda: True)
+    ev.bind(layers, torch.device("cpu"))
+    assert ev.snapshot() == evidence.EvidenceSnapshot()  # nothing absorbed yet
+    losses = [2.0, 1.5, 3.0, 1.0, None, 4.0]
+    ema = best = start = None
+    since, jump = 0, None
+    for step, loss in enumerate(losses):
+        x = torch.randn(8, 64) * (step + 1)
+        model(x).square().mean().backward()
+        ev.begin(step, None if loss is None else torch.tensor(loss), None, [p.grad for p in model.parameters()])
+        ev.end(step, logging=True)
+        ev.absorb({k: v.tolist() for k, v in ev.readout().items()})
+        model.zero_grad(set_to_none=True)
+        jump = None
+        if loss is not None and ema is None:
+            ema = best = start = loss
+        elif loss is not None:  # the documented recursion: EMA 0.9, improved below 99% of the best
+            jump = (loss / ema, step)
+            ema = 0.9 * ema + 0.1 * loss
+            best, since = (ema, 0) if ema < 0.99 * best else (best, since + 1)
+        snap = ev.snapshot()
+        assert (snap.loss_start, snap.loss_best, snap.loss_stalled) == (start, pytest.approx(best), since), step
+        assert snap.loss_last == [v for v in losses[: step + 1] if v is not None][-1]
+        assert (snap.loss_jump, snap.loss_jump_step) == ((pytest.approx(jump[0]), jump[1]) if jump else (None, None))
+        assert snap.input_rms == pytest.approx(float(x.double().square().mean().sqrt()), rel=1e-6)
+        assert snap.batch_size == 8 and snap.input_layer == ""
+        assert ev.snapshot() is snap  # made once per logging step
+        assert ev.snapshot((("ratio", 2.0),)).finding == {"ratio": 2.0}
