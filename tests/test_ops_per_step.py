@@ -47,8 +47,8 @@ def mlp(depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(16, 2))
 
 
-def iteration_ops(depth: int, monitored: bool, *, pass_loss: bool) -> collections.Counter[str]:
-    """Ops of one non-logging iteration (the 4th step; log_every=10 logs step 0 only)."""
+def iteration_ops(depth: int, monitored: bool, *, pass_loss: bool, at: int = 3) -> collections.Counter[str]:
+    """Ops of one non-logging iteration (after ``at`` steps: the 4th by default; log_every=10 logs step 0 only)."""
     torch.manual_seed(0)
     model = mlp(depth)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -63,12 +63,12 @@ def iteration_ops(depth: int, monitored: bool, *, pass_loss: bool) -> collection
             monitor.step(loss=loss if pass_loss else None, optimizer=opt if pass_loss else None)
         opt.step()
 
-    for _ in range(3):
+    for _ in range(at):
         one()
     with OpCounter() as counter:
         one()
     if monitor is not None:
-        assert monitor.step_count == 4
+        assert monitor.step_count == at + 1
         monitor.close()
     return counter.ops
 
@@ -89,6 +89,21 @@ def test_the_same_ops_whatever_the_depth() -> None:
         return iteration_ops(depth, True, pass_loss=True) - iteration_ops(depth, False, pass_loss=True)
 
     assert added(2) == added(48)  # op by op: nothing on the per-step path is per layer
+
+
+MEASURE_OPS = 14  # the update ratio's measure (gradwatch.evidence.UpdateTracker) and the detectors taking it
+
+
+@pytest.mark.parametrize("depth", [2, 48], ids=["shallow", "deep"])
+def test_the_step_after_a_logging_step_adds_the_update_measure_only(depth: int) -> None:
+    """Step 1 measures the update of logging step 0 (the weights' sample against the one taken then): a fixed number
+    of ops more than any other non-logging step (30 on this model: 16 + 14), the same whatever the depth."""
+    bare = iteration_ops(depth, False, pass_loss=True, at=1)
+    watched = iteration_ops(depth, True, pass_loss=True, at=1)
+    plain = iteration_ops(depth, True, pass_loss=True) - iteration_ops(depth, False, pass_loss=True)
+    added = watched - bare
+    assert sum(added.values()) - sum(plain.values()) <= MEASURE_OPS, (added - plain).most_common()
+    assert sum(added.values()) <= MAX_OPS
 
 
 # Ops that only make a new view of existing memory: on a GPU they launch no kernel.
