@@ -536,3 +536,42 @@ def test_host_layer_ratios_are_the_float32_device_figures() -> None:
     got = lay.ratios(row)
     assert [x if x == x else "nan" for x in got] == [x if x == x else "nan" for x in want]
     assert sum(x == x for x in want) > n // 4  # many ratios mean something
+
+
+@pytest.mark.parametrize("order", ["vanishing_first", "exploding_first"])
+def test_a_tensor_two_detectors_hand_over_travels_once_and_both_read_it(order: str) -> None:
+    """Vanishing and Exploding both check the step's gradient and weight norms: the same tensor goes into the
+    transfer once (the first detector's readout), and both find what each finds alone. Should the second
+    collect before the first (not what the monitor does), it reads the tensor itself and finds the same."""
+    ctx = ctx_for(4)
+    rows = [[1e-9, 1e-6, 1.0, 1.0], [1e-9, 1e-6, 1.0, 1.0], [1e-9, 1e-6, 900.0, 1.0], [1e-9, 1e-6, 900.0, 1.0]]
+
+    def run(together: bool) -> tuple[list[Finding], list[Finding], list[set[str]]]:
+        v, e = Vanishing(persist=2), Exploding(persist=2)
+        v.bind(ctx)
+        e.bind(ctx)
+        found_v, found_e, handed = [], [], []
+        for t, g in enumerate(rows):
+            ev = evidence(t, stats_of(g, param_norm=[1.0] * 4))
+            v.update(ev)
+            if not together:
+                ev = evidence(t, stats_of(g, param_norm=[1.0] * 4))
+            e.update(ev)
+            rv, re_ = read(v), read(e)
+            handed.append(set(re_))
+            if order == "vanishing_first":
+                found_v += v.collect(rv, t)
+                found_e += e.collect(re_, t)
+            else:
+                found_e += e.collect(re_, t)
+                found_v += v.collect(rv, t)
+        return found_v, found_e, handed
+
+    alone_v, alone_e, handed_alone = run(together=False)
+    both_v, both_e, handed_both = run(together=True)
+    assert (both_v, both_e) == (alone_v, alone_e)
+    # Read every step: each latch is freed at the read and latches again while its streak holds.
+    assert [(f.source, f.step) for f in alone_v] == [(src, t) for t in (1, 2, 3) for src in ("depth", "ratio")]
+    assert [(f.source, f.step, f.layer) for f in alone_e] == [("ratio", 3, "l2")]
+    assert handed_alone[0] == {"grad_norm", "param_norm", "total_norm", "floor", "numel"}
+    assert handed_both[0] == {"total_norm", "floor", "numel"} and handed_both[1] == {"total_norm"}

@@ -277,6 +277,16 @@ def host_list(v: Any) -> list[float]:
     return v
 
 
+class _Shared:
+    """A tensor in the transfer for every detector that reads the same step, and its values once read."""
+
+    __slots__ = ("tensor", "values")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.values: Any = None
+
+
 class HostRows:
     """Per-step device tensors kept by reference and brought to the host in the logging step's one transfer.
 
@@ -304,6 +314,7 @@ class HostRows:
         self._rows: list[StepEvidence] = []
         self._blocks: list[_Block] = []
         self._read: list[_Block] = []  # handed over by readout, not turned into rows yet
+        self._links: dict[str, tuple[_Shared, bool]] = {}  # name -> its transfer, and whether this one made it
 
     def add(self, ev: StepEvidence) -> None:
         """Record ``ev`` (by reference; a full window is stacked into a block, still on the device)."""
@@ -362,14 +373,42 @@ class HostRows:
         return out
 
     def readout(self) -> dict[str, Tensor]:
-        """The columns recorded since the last read, by name (none: ``{}``)."""
+        """The columns recorded since the last read, by name (none: ``{}``).
+
+        A tensor that another detector reading the same step handed over already (the same object: a step's
+        gradient norms, or the same stack of them) is not handed over twice: :meth:`rows` takes its values
+        from that detector's read (its ``collect`` runs first, as its ``readout`` did).
+        """
         blocks = self._pending()
         self._read += blocks
-        return self._tensors(blocks)
+        tensors = self._tensors(blocks)
+        if not blocks:
+            return tensors
+        shared = blocks[-1].memo[-1].setdefault("transfer", {})  # the read step's: every detector's
+        out = {}
+        for n, t in tensors.items():
+            link = shared.get(id(t))
+            if link is not None and link.tensor is t:
+                self._links[n] = (link, False)
+            else:
+                link = shared[id(t)] = _Shared(t)
+                self._links[n] = (link, True)
+                out[n] = t
+        return out
 
     def rows(self, values: dict[str, list[float]]) -> list[HostRow]:
         """The host rows of what :meth:`readout` handed over since the last call, oldest first."""
         blocks, self._read = self._read, []
+        links, self._links = self._links, {}
+        if links:
+            values = dict(values)
+            for n, (link, own) in links.items():
+                if own:
+                    link.values = values[n]
+                elif link.values is not None:
+                    values[n] = link.values
+                else:  # the detector that handed it over did not collect: read it now (one host read)
+                    values[n] = link.tensor.reshape(-1).tolist()
         return self._split(blocks, values)
 
     def take_pending(self) -> list[HostRow]:
@@ -415,7 +454,7 @@ class HostRows:
 
     def reset(self) -> None:
         """Forget every recorded step."""
-        self._rows, self._blocks, self._read = [], [], []
+        self._rows, self._blocks, self._read, self._links = [], [], [], {}
 
 
 class HostPersistence:
