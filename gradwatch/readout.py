@@ -101,7 +101,7 @@ class Readout:
         with torch.no_grad():
             if all(t.device == dev for t in tensors):
                 # One cat (it promotes bool/int entries to the widest float) and one conversion.
-                flat = [t.reshape(-1) for t in tensors]
+                flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]  # 1-D as they are: no view op
                 host = torch.cat(flat).to(torch.float32).cpu().tolist()
             else:
                 flat = [t.reshape(-1).to(dev, torch.float32) for t in tensors]
