@@ -575,7 +575,8 @@ class UpdateTracker:
     ``sqrt(0 / ||w||^2 + ||dw||^2 / ||w||^2)`` (one ``addcdiv``, NaN where the weights were zero, and a square
     root): a fixed number of ops whatever the number of layers. A snapshot taken with the weights the last measure
     sampled (``same_weights``: a logging step right after the measure, ``log_every=1``) takes that sample and its
-    sums as they are: one op (the division by zero's test).
+    sums as they are; ``0 / ||w_after||^2`` is made by the measure where the snapshot before it was of that kind
+    too (in a run of them, the measure's ops run together), else by the snapshot: one op either way.
 
     Args:
         layers: the watched layers.
@@ -591,6 +592,8 @@ class UpdateTracker:
         self._turn = 0  # the kept output of the last measure's per-layer sums
         self._w2: Tensor | None = None  # float32[L]: ||w_before||^2 per layer
         self._zero_w: Tensor | None = None  # float32[L]: 0 where ||w_before||^2 > 0, NaN where it is 0 (0 / 0)
+        self._chained = False  # whether the last snapshot took the sample of the measure before it
+        self._zero_after = False  # whether the last measure made 0 / ||w_after||^2 (for a snapshot of its weights)
         self._after: Tensor | None = None  # float32[L]: ||w_after||^2 per layer of the last measure, while current
         self._step: int | None = None
 
@@ -622,13 +625,19 @@ class UpdateTracker:
         buf = self._buffer()
         if same_weights and self._after is not None:
             self._before, self._w2 = 1 - self._before, self._after
+            if not self._zero_after:  # the measure made it where the last snapshot was of its weights too
+                torch.div(buf.zeros1, self._w2, out=buf.zero_w)
+            self._chained = True
         else:
             b = self._before
             self._sampler.weights_into(*buf.parts[b])
             buf.row_squares[b]()
             self._w2 = buf.zeros1.index_add(0, self._sampler.column_layer, buf.sq1)
-        self._zero_w = torch.div(buf.zeros1, self._w2, out=buf.zero_w)
+            torch.div(buf.zeros1, self._w2, out=buf.zero_w)
+            self._chained = False
+        self._zero_w = buf.zero_w
         self._after = None
+        self._zero_after = False
         self._step = step
 
     def measure(self) -> tuple[int, Tensor] | None:
@@ -648,7 +657,11 @@ class UpdateTracker:
         torch.index_add(buf.zeros2, 1, self._sampler.column_layer, buf.sq2, out=buf.sums[t])
         self._after, d2 = buf.sum_rows[t][a], buf.sum_rows[t][b]
         # ||dw||^2 / ||w||^2 plus 0, or NaN where ||w||^2 is 0: one op for the quotient and its undefined cases
-        return step, torch.addcdiv(self._zero_w, d2, self._w2).sqrt_()
+        ratio = torch.addcdiv(self._zero_w, d2, self._w2).sqrt_()
+        if self._chained:  # log_every=1: the next snapshot takes these weights; their 0 / ||w||^2, made here
+            torch.div(buf.zeros1, self._after, out=buf.zero_w)
+            self._zero_after = True
+        return step, ratio
 
 
 class _Buffer:
