@@ -242,7 +242,12 @@ def _check_recurrent(f: ModelFacts, name: str, m: nn.Module) -> None:
     for pname, w in m.named_parameters(recurse=False):
         if not pname.startswith("weight_hh") or w.dim() != 2 or w.shape[0] != w.shape[1] or w.is_meta:
             continue
-        radius = float(torch.linalg.eigvals(w.detach().to("cpu", torch.float64)).abs().max())
+        wd = w.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(wd).all()):
+            # Weights already overflowed have no spectral radius; LAPACK's eigensolver (MKL's DGEBAL)
+            # segfaults on NaN input, which would take the training process down with it.
+            continue
+        radius = float(torch.linalg.eigvals(wd).abs().max())
         if radius > RECURRENT_RADIUS:
             f.recurrent_radius.append(RecurrentFact(f"{name}.{pname}" if name else pname, radius))
 

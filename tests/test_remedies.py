@@ -245,6 +245,20 @@ def test_recurrent_radius_above_one_is_the_explosion_cause_not_the_targets():
     assert inspect_model(nn.RNN(8, 32, num_layers=2)).recurrent_radius == []
 
 
+def test_recurrent_weights_already_overflowed_are_left_out_not_fed_to_the_eigensolver():
+    # MKL's eigensolver segfaults on a NaN matrix: a monitor restored into a model whose RNN had
+    # diverged (or built on one) must not take the training process down.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"bad": nn.RNN(4, 6), "good": nn.RNN(4, 6, nonlinearity="relu")})
+    with torch.no_grad():
+        model["bad"].weight_hh_l0[2, 3] = float("nan")
+        w = model["good"].weight_hh_l0
+        w.mul_(2.0 / torch.linalg.eigvals(w).abs().max())
+    f = inspect_model(model)
+    assert [x.name for x in f.recurrent_radius] == ["good.weight_hh_l0"]
+    assert abs(f.recurrent_radius[0].radius - 2.0) < 1e-5
+
+
 def test_nonfinite_ranks_numerics_unless_precision_or_an_explosion_explain_it():
     f = inspect_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
     assert remedies_for("nonfinite", f)[0].startswith("Find the operation that overflows: log(0)")
