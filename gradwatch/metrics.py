@@ -112,17 +112,24 @@ def decode_metrics(
     pn = values["m/param_norm"] if "m/param_norm" in values else None  # every ``param_norm_every`` steps
     gmax = values["m/grad_max"] if "m/grad_max" in values else None  # every ``grad_max_every`` steps
     m: dict[str, float] = {schema.GRAD_NORM_TOTAL: values.scalar("m/total")}
-    for i, k in enumerate(_layer_keys(schema.GRAD_NORM, names)):
-        if present[i]:
-            m[k] = gn[i]
-    max_keys, norm_keys = _layer_keys(schema.GRAD_MAX, names), _layer_keys(schema.PARAM_NORM, names)
-    for i, ratio_key in enumerate(_layer_keys(schema.GRAD_TO_PARAM, names)):
-        if present[i]:
-            if gmax is not None:
-                m[max_keys[i]] = gmax[i]
-            if pn is not None:
-                m[norm_keys[i]] = pn[i]
-                m[ratio_key] = _ratio(gn[i], pn[i])
+    norm_keys, max_keys = _layer_keys(schema.GRAD_NORM, names), _layer_keys(schema.GRAD_MAX, names)
+    weight_keys, ratio_keys = _layer_keys(schema.PARAM_NORM, names), _layer_keys(schema.GRAD_TO_PARAM, names)
+    if all(present):  # the common case: every layer, pairwise in C
+        m.update(zip(norm_keys, gn))
+        if gmax is not None:
+            m.update(zip(max_keys, gmax))
+        if pn is not None:
+            m.update(zip(weight_keys, pn))
+            m.update(zip(ratio_keys, map(_ratio, gn, pn)))
+    else:
+        for i in range(len(names)):
+            if present[i]:
+                m[norm_keys[i]] = gn[i]
+                if gmax is not None:
+                    m[max_keys[i]] = gmax[i]
+                if pn is not None:
+                    m[weight_keys[i]] = pn[i]
+                    m[ratio_keys[i]] = _ratio(gn[i], pn[i])
     counts = values["m/nonfinite"] if "m/nonfinite" in values else nonfinite_counts
     m[schema.NONFINITE_TOTAL] = float(sum(counts)) if counts is not None else 0.0
     if counts is not None:

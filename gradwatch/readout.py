@@ -35,6 +35,9 @@ class Values(Mapping[str, list[float]]):
         except KeyError:
             raise KeyError(f"readout has no entry {name!r}; entries: {sorted(self._values)}") from None
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would raise (and format) a KeyError per miss
+        return name in self._values
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
