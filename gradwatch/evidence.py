@@ -1228,7 +1228,11 @@ class Evidence:
         }
 
     def end(self, step: int, logging: bool) -> None:
-        """After the detectors: at a logging step, sample the weights the coming optimizer step changes.
+        """After the detectors: at a logging step that reads the weights, sample those the coming step changes.
+
+        The monitor passes ``logging`` True at the logging steps that read the weight norms (every
+        ``param_norm_every`` steps: every logging step at the default ``log_every=10``), so the update
+        ratio is measured on the same period as the weight norms it is compared with.
 
         The weights are those :meth:`begin` sampled if it measured an update (nothing between the two moves
         them): that sample is kept as it is.

@@ -112,14 +112,17 @@ class GradWatch:
             pass costs (on a GPU microseconds; on a CPU ~7% of a training step, more than all
             else gradwatch does), and max |g| is a figure to read, not an input of the default
             detectors. ``1``: on every logging step.
-        param_norm_every: period in steps of the weight norms (``param_norm/…`` and
-            ``grad_to_param/…``): they are read on the first logging step at or after each multiple
-            of ``param_norm_every`` (step 0 included) and left out of the other logging steps'
-            records, never carried stale into a record. At the default ``log_every=10`` that is
-            every logging step; with ``log_every=1`` every tenth step, the same age the weight norms
-            the detectors relate gradients to have at the default (weights move slowly: a healthy
-            step changes them by ~0.1%). Reading the weights costs what the gradient-norm pass
-            costs (on a CPU ~5% of a training step of a large MLP). ``1``: on every logging step.
+        param_norm_every: period in steps of the weight reads: the weight norms (``param_norm/…``,
+            ``grad_to_param/…``) and the update-ratio sample (``update_ratio/…``, measured at the
+            next step and reported in the next record). They are read on the first logging step at
+            or after each multiple of ``param_norm_every`` (step 0 included), and at the next logging
+            step once the total gradient norm has moved more than ``WEIGHT_REREAD_FACTOR`` (2x) since
+            the last read; other records leave the keys out, never carrying a stale value. At the
+            default ``log_every=10`` that is every logging step; with ``log_every=1`` every tenth
+            step, the age the weight norms the detectors relate gradients to have between logging
+            steps at the default (weights move slowly: a healthy step changes them by ~0.1%).
+            Reading the weights costs what the gradient-norm pass costs (on a CPU ~5% of a training
+            step of a large MLP). ``1``: on every logging step.
         granularity: ``"module"`` (each module owning parameters) or ``"parameter"``.
         track_activations: hook ReLU/sigmoid/tanh modules to detect dead and saturated units.
         track_time: profile the input gradient of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` modules per time
@@ -479,7 +482,9 @@ class GradWatch:
         )
         for d in self.detectors:
             d.update(ev)
-        self._evidence.end(step, logging_step)  # at logging steps: sample the weights the update will move
+        # At the logging steps that read the weights (``param_norm_every``): sample the weights the update
+        # will move. The update-ratio sample is a read of the weights too, on the same period.
+        self._evidence.end(step, stats.param_norm is not None)
         if amp_owned:
             assert self._amp is not None
             self._amp.update(stats.any_nonfinite, self._step_t)
