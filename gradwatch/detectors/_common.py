@@ -181,34 +181,56 @@ class UpdateLossSeries(Detector):
     """Weighs each logging step's largest update-to-weight ratio against the loss, on the host.
 
     Every step's loss and every measured update (:class:`~gradwatch.evidence.UpdateTracker`, once per
-    logging step) are recorded by reference: no device op on the step. At a logging step both are read
-    back, merged by step, and handed to the subclass's host recursion :meth:`fold`, whose running
-    statistics (the attributes named in ``state_keys``) are checkpointed as float64 tensors.
+    logging step: the per-layer ratios) are recorded by reference: no device op on the step. At a logging
+    step both are read back (one measurement's ratios go to the transfer as they are), each measurement is
+    reduced to its largest per-layer ratio on the host (:meth:`largest`), losses and measurements are
+    merged by step and handed to the subclass's host recursion :meth:`fold`, whose running statistics (the
+    attributes named in ``state_keys``) are checkpointed as float64 tensors.
     """
 
     state_keys: tuple[str, ...] = ()
+    chunk = 64  # measurements after which the kept ratios are concatenated (bounds the tensors kept alive)
 
     def __init__(self) -> None:
         super().__init__()
-        self.updates, self.losses = Series(), Series()
+        self.losses = Series()
+        self._ratios: list[Tensor] = []  # measured per-layer ratios since the last read, by reference
+        self._chunks: list[Tensor] = []  # earlier ones, concatenated
+        self._steps: list[int] = []  # the steps they measured, not handed over yet
+        self._read: list[int] = []  # the steps of what readout handed over
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
-        self.updates, self.losses = Series(), Series()
+        self.losses = Series()
+        self._ratios, self._chunks, self._steps, self._read = [], [], [], []
 
-    def largest(self, ratio: Tensor) -> Tensor:
-        """The measurement of one update: its largest per-layer ratio (NaN, no measurement, as 0; Inf kept)."""
-        return ratio.nan_to_num(0.0, math.inf, -math.inf).amax()  # 2 ops (isnan + where + amax dispatched 4)
+    @abstractmethod
+    def largest(self, ratios: list[float]) -> float:
+        """The measurement of one update from its per-layer ratios (float32 values; NaN where none was measured)."""
 
     def update(self, ev: StepEvidence) -> None:
         if ev.loss is not None:
             self.losses.add(ev.loss, ev.stats.step)
         if ev.update_ratio is not None:  # once per logging step: the step after it
-            self.updates.add(self.largest(ev.update_ratio), ev.stats.step - 1)
+            self._ratios.append(ev.update_ratio)
+            self._steps.append(ev.stats.step - 1)
+            if len(self._ratios) >= self.chunk:
+                self._chunks.append(torch.cat(self._ratios))
+                self._ratios = []
+
+    def _updates(self) -> Tensor | None:
+        """The measured ratios since the last read, flat (one measurement: its tensor, no op)."""
+        parts = [*self._chunks, *self._ratios]
+        self._ratios, self._chunks = [], []
+        self._read += self._steps
+        self._steps = []
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def readout(self) -> dict[str, Tensor]:
         out = {}
-        losses, updates = self.losses.readout(), self.updates.readout()
+        losses, updates = self.losses.readout(), self._updates()
         if losses is not None:
             out["losses"] = losses
         if updates is not None:
@@ -228,14 +250,22 @@ class UpdateLossSeries(Detector):
     def fold_events(self, events: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
         """Host recursion over ``(step, is_update, value)`` events in step order; the ``(step, value)`` that fire."""
 
-    def fired(self, losses: list[float], updates: list[float]) -> list[tuple[int, float]]:
-        """:meth:`fold` the read-back losses and measurements with the steps they were recorded at."""
-        return self.fold(losses, self.losses.steps(), updates, self.updates.steps())
+    def fired(self, losses: list[float], ratios: list[float]) -> list[tuple[int, float]]:
+        """:meth:`fold` the read-back losses and measurements (``ratios``: every measurement's per-layer ratios
+        in turn, as :meth:`readout` handed them over) with the steps they were recorded at."""
+        steps, self._read = self._read, []
+        k = len(steps)
+        if k == 1:
+            updates = [self.largest(ratios)]
+        else:
+            width = len(ratios) // k if k else 0
+            updates = [self.largest(ratios[i * width : (i + 1) * width]) for i in range(k)]
+        return self.fold(losses, self.losses.steps(), updates, steps)
 
     def state_dict(self) -> dict[str, Any]:
         """The host statistics as float64 tensors (values not read yet are folded first: one host read)."""
-        losses, updates = self.losses.readout(), self.updates.readout()
-        self.fired(losses.tolist() if losses is not None else [], updates.tolist() if updates is not None else [])
+        updates = self._updates()
+        self.fired(self.losses.take(), updates.tolist() if updates is not None else [])
         return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in self.state_keys}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,8 +294,11 @@ class _Block(NamedTuple):
     cols: dict[str, tuple[list[int], Tensor, int]]  # name -> (rows that have it, tensor, values per row)
 
 
+_HOST = ("host",)  # the key of a step's host memo in its evidence's cache
+
+
 def _memo(ev: StepEvidence) -> dict[Any, Any]:
-    return ev.derived(("host",), dict)  # type: ignore[no-any-return]
+    return ev.derived(_HOST, dict)  # type: ignore[no-any-return]
 
 
 def host_list(v: Any) -> list[float]:
@@ -311,6 +344,7 @@ class HostRows:
         capacity: int = 64,
     ) -> None:
         self.columns, self.extra, self.capacity = columns, extra, capacity
+        self._getters = tuple(columns.items())
         self._rows: list[StepEvidence] = []
         self._blocks: list[_Block] = []
         self._read: list[_Block] = []  # handed over by readout, not turned into rows yet
@@ -379,6 +413,9 @@ class HostRows:
         gradient norms, or the same stack of them) is not handed over twice: :meth:`rows` takes its values
         from that detector's read (its ``collect`` runs first, as its ``readout`` did).
         """
+        rows = self._rows
+        if len(rows) == 1 and not self._blocks and not self._read:
+            return self._readout_one(rows[0])
         blocks = self._pending()
         self._read += blocks
         tensors = self._tensors(blocks)
@@ -394,6 +431,36 @@ class HostRows:
                 link = shared[id(t)] = _Shared(t)
                 self._links[n] = (link, True)
                 out[n] = t
+        return out
+
+    def _readout_one(self, ev: StepEvidence) -> dict[str, Tensor]:
+        """:meth:`readout` of a window of one step (log_every=1): its own tensors, the shared ones once."""
+        self._rows = []
+        cache = ev.cache
+        memo = cache.get(_HOST)
+        if memo is None:
+            memo = cache[_HOST] = {}
+        shared = memo.get("transfer")
+        if shared is None:
+            shared = memo["transfer"] = {}
+        cols: dict[str, tuple[list[int], Tensor, int]] = {}
+        out: dict[str, Tensor] = {}
+        links = self._links
+        items = [(name, get(ev)) for name, get in self._getters]
+        if self.extra is not None:
+            items += self.extra([ev]).items()
+        for name, t in items:
+            if t is None:
+                continue
+            cols[name] = ([0], t, 1)  # (one row: the width is not used)
+            link = shared.get(id(t))
+            if link is not None and link.tensor is t:
+                links[name] = (link, False)
+            else:
+                link = shared[id(t)] = _Shared(t)
+                links[name] = (link, True)
+                out[name] = t
+        self._read = [_Block([ev.stats.step], [ev.stats.present_host], [memo], cols)]
         return out
 
     def rows(self, values: dict[str, list[float]]) -> list[HostRow]:
@@ -481,6 +548,8 @@ class HostPersistence:
 
     def advance(self, held: list[int], values: list[float], step: int, immediate: list[int] = ()) -> None:  # type: ignore[assignment]
         """One step: ``held`` the entries whose condition holds, ``values`` indexed by entry."""
+        if not held and not immediate and not self._active:  # nothing holds now nor did the step before
+            return
         streak, fired_step = self.streak, self.fired_step
         now = set(held)
         for i in self._active - now:

@@ -109,11 +109,13 @@ class Accumulating(Detector):
         return super().state_dict()
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
+        if not values:  # the latch was known free: nothing to read
+            return []
         assert self.ctx is not None
-        names = self.ctx.names
         hits = self.latch.fired(values)
         if not hits:
             return []
+        names = self.ctx.names
         first = min(hits, key=lambda h: (h.step, h.index))
         layers = tuple(names[h.index] for h in sorted(hits, key=lambda h: h.index))
         more = f" (and {len(layers) - 1} more layer(s))" if len(layers) > 1 else ""

@@ -27,18 +27,19 @@ class _ActivationDetector(Detector):
         self.check = Persistence(self.state, "act", n, self.persist)
         mask = [k in self.wanted and not ex for k, ex in zip(ctx.activation_kinds, ctx.excluded_activations)]
         self._mask = torch.tensor(mask, dtype=torch.bool, device=ctx.device)
+        self._tracked = bool(mask)  # any activation layer (a host bool: no tensor __len__ per step)
         self.state.bind(ctx.device)
 
     def update(self, ev: StepEvidence) -> None:
         acts = ev.activations
-        if acts is None or not len(self._mask):
+        if acts is None or not self._tracked:
             return
         frac = getattr(acts, self.stat)
         cond = self._mask & acts.seen & (frac > self.threshold)
         self.check.update(cond, frac, ev.step)
 
     def readout(self) -> dict[str, torch.Tensor]:
-        return super().readout() if len(self._mask) else {}
+        return super().readout() if self._tracked else {}
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         if not values:

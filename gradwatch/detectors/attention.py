@@ -99,9 +99,9 @@ class AttentionSaturation(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         """The host streak as a float64 tensor (measurements not read yet are folded first: one host read)."""
-        fracs, which = self.fracs.readout(), self.which.readout()
-        if fracs is not None and which is not None:
-            self.collect({"fracs": fracs.tolist(), "which": which.tolist()}, -1)
+        fracs, which = self.fracs.take(), self.which.take()
+        if fracs:
+            self.collect({"fracs": fracs, "which": which}, -1)
         return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in _STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -213,6 +213,8 @@ class DeviceState:
         object.__setattr__(self, "_loaded", None)
         object.__setattr__(self, "device", None)
         object.__setattr__(self, "_read", {})
+        object.__setattr__(self, "_latches", [])  # the latches declared here (their entries may skip the read)
+        object.__setattr__(self, "_readout_names", ())  # readout=True names outside every latch (fixed at bind)
 
     # -- declaration
     def add_state(
@@ -255,6 +257,10 @@ class DeviceState:
         """Allocate every declared tensor on ``device`` (then apply a state loaded before)."""
         object.__setattr__(self, "device", torch.device(device))
         object.__setattr__(self, "_tensors", {n: d.factory(self.device) for n, d in self._decls.items()})
+        latched = {n for latch in self._latches for n in latch.names}
+        object.__setattr__(
+            self, "_readout_names", tuple(n for n, d in self._decls.items() if d.readout and n not in latched)
+        )
         loaded = self._loaded
         object.__setattr__(self, "_loaded", None)
         if loaded is not None:
@@ -275,11 +281,24 @@ class DeviceState:
         for n in names or tuple(self._decls):
             self._tensors[n] = self._decls[n].factory(self.device)
 
+    def add_latch(self, latch: Latch) -> None:
+        """Register a :class:`Latch` declared here: :meth:`readout` leaves out its entries while it is known free."""
+        self._latches.append(latch)
+
     def readout(self) -> dict[str, Tensor]:
-        """The tensors declared with ``readout=True``, flattened to 1-D float32."""
+        """The tensors declared with ``readout=True``, flattened to 1-D float32.
+
+        The entries of a :class:`Latch` that the host knows is free (nothing latched since its last read) are
+        left out: their values are known (:meth:`Latch.fired` finds nothing without them).
+        """
         t = self._require()
-        object.__setattr__(self, "_read", {n: t[n] for n, d in self._decls.items() if d.readout})
-        return {n: _flat32(t[n]) for n in self._read}
+        read = {n: t[n] for n in self._readout_names}
+        for latch in self._latches:
+            if t[latch.names[0]] is not latch._free:  # not known free (Latch.known_free, inlined)
+                for n in latch.names:
+                    read[n] = t[n]
+        object.__setattr__(self, "_read", read)
+        return {n: _flat32(v) for n, v in read.items()} if read else read
 
     def last_read(self, name: str) -> Tensor | None:
         """The tensor the last :meth:`readout` returned under ``name`` (the object, not a copy), if any."""
@@ -394,6 +413,13 @@ class Latch:
             size = n if width is None else width
             state.add_state(f"{name}.fired_{v}", lambda dev, k=size: torch.zeros(k, device=dev), readout=True)
         self._free: Tensor | None = None  # the fired_step tensor the host knows holds no entry (all -1)
+        self.names = (f"{name}.fired_step", *(f"{name}.fired_{v}" for v in self.values))  # its readout entries
+        state.add_latch(self)
+
+    @property
+    def known_free(self) -> bool:
+        """Whether the host knows that no entry is latched (nothing latched since the read that found none)."""
+        return self.step is self._free
 
     @property
     def step(self) -> Tensor:
@@ -419,8 +445,13 @@ class Latch:
         return first
 
     def fired(self, values: Mapping[str, list[float]]) -> list[Fired]:
-        """The latched entries in the read-back ``values`` (by index), and free the latch."""
-        steps = values[f"{self.name}.fired_step"]
+        """The latched entries in the read-back ``values`` (by index), and free the latch.
+
+        Without the latch's entries in ``values`` (:meth:`DeviceState.readout` left them out: known free), none.
+        """
+        steps = values.get(self.names[0])
+        if steps is None:  # not read: known free at the readout (and nothing ran on the device since)
+            return []
         if not steps or max(steps) < 0:  # nothing latched: the latch is free already (no device op, no walk)
             read = self.state.last_read(f"{self.name}.fired_step")
             self._free = read if read is self.step else None  # what was read is still the state: known free
@@ -579,13 +610,26 @@ class Series:
             self._values = []
 
     def readout(self) -> Tensor | None:
-        """float32[T]: the values recorded since the last read (``None`` when there are none)."""
-        parts = [*self._chunks, torch.stack(self._values).to(torch.float32)] if self._values else self._chunks
+        """The values recorded since the last read (``None`` when there are none): float32[T], or the one value
+        itself, 0-d as recorded, when there is one (no op: the transfer flattens and converts its entries)."""
+        values, chunks = self._values, self._chunks
         self._values, self._chunks = [], []
-        self._read, self._steps = self._read + self._steps, []
-        if not parts:
-            return None
+        if self._read:
+            self._read += self._steps
+        else:
+            self._read = self._steps
+        self._steps = []
+        if not chunks:
+            if len(values) == 1:  # one step (log_every=1): the scalar as it is
+                return values[0]
+            return torch.stack(values).to(torch.float32) if values else None
+        parts = [*chunks, torch.stack(values).to(torch.float32)] if values else chunks
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def take(self) -> list[float]:
+        """:meth:`readout` read on the host now (one host read; checkpoints), as float32 values."""
+        t = self.readout()
+        return [] if t is None else t.to(torch.float32).reshape(-1).tolist()
 
     def steps(self) -> list[int]:
         """The step numbers of what :meth:`readout` returned (since the last call), oldest first."""

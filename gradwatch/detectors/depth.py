@@ -267,7 +267,8 @@ class Vanishing(Detector):
             if "param_norm" in cols:
                 lay.param_norm(cols["param_norm"], step)
             ratio = lay.ratios(row)
-            low = [i for i in weight if ratio[i] < low_at]
+            # (a C-level scan first: in a healthy run no ratio is low, NaN compares False)
+            low = [i for i in weight if ratio[i] < low_at] if any(map(low_at.__gt__, ratio)) else []
             zero: list[int] = []
             if 0.0 in g:  # an exact zero at a weight layer with a gradient, that backward wrote and nothing explains
                 unreached, blocked = cols.get("unreached"), cols.get("blocked")
@@ -647,8 +648,8 @@ class Exploding(Detector):
             if "param_norm" in cols:
                 lay.param_norm(cols["param_norm"], step)
             ratio = lay.ratios(row)
-            high = [i for i, r in enumerate(ratio) if r > high_at]
-            self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at])
+            high = [i for i, r in enumerate(ratio) if r > high_at] if any(map(high_at.__lt__, ratio)) else []
+            self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at] if high else ())
             total = cols["total_norm"][0]
             figures += [total, lay.total_weight(present), lay.log_ratio(row), 1.0 if high else 0.0]
         self._host.run([r.step for r in rows], figures)

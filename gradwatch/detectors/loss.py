@@ -119,9 +119,9 @@ class LossDivergence(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         """The host statistics as float64 tensors (steps not read yet are folded first: one host read)."""
-        losses, norms = self.losses.readout(), self.norms.readout()
-        if losses is not None and norms is not None:
-            self.fold(losses.tolist(), norms.tolist(), self.losses.steps())
+        losses, norms = self.losses.take(), self.norms.take()
+        if losses:
+            self.fold(losses, norms, self.losses.steps())
             self.norms.steps()
         return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in _STATE}
 

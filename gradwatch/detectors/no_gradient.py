@@ -94,10 +94,24 @@ class NoGradient(WindowedChecks):
         self._none = torch.zeros(n, dtype=torch.bool, device=ctx.device)
         self._inert_pending: int | None = None
         self._zero_streak: Tensor | None = None  # the streak tensor known to be 0 everywhere
+        self._zeroed = False  # steps with no layer missing were folded on the host: every streak is 0
+        self._blocks = bool(ctx.weight_layers)  # blocked_zero may claim a layer (with tracked activations)
 
     def update(self, ev: StepEvidence) -> None:
         if ev.optimizer_inert and self._inert_pending is None:
             self._inert_pending = ev.stats.step  # host-known: latched at the fold
+        if (
+            not self.window.rows
+            and ev.unreached is None
+            and (ev.activations is None or not self._blocks)
+            and all(ev.stats.present_host)
+        ):
+            # Known on the host (_none_missing) with nothing recorded before it: no layer can be missing, so every
+            # streak is 0 after this step and nothing latches; folded now, without keeping the step.
+            if ev.stats.param_norm is not None:  # the weight norms the next fold starts from
+                self._param_norm = ev.stats.param_norm
+            self._zeroed = True
+            return
         super().update(ev)
 
     def fold(self) -> None:
@@ -105,6 +119,9 @@ class NoGradient(WindowedChecks):
             step = torch.full((), float(self._inert_pending), device=self._true.device)
             self.inert.update(self._true, step, value=self._true.to(torch.float32))
             self._inert_pending = None
+        if self._zeroed:
+            self._zeroed = False
+            self._zero_streaks()
         rows = self.window.rows
         if rows and self._none_missing(rows):
             # Known on the host: no layer can be missing on any of these steps, so every streak is 0 and nothing
@@ -113,11 +130,19 @@ class NoGradient(WindowedChecks):
             for ev in rows:  # the weight norms the next fold starts from, as the full fold keeps them
                 if ev.stats.param_norm is not None:
                     self._param_norm = ev.stats.param_norm
-            if self.checks.streak is not self._zero_streak:
-                self._zero_streak = torch.zeros_like(self.checks.streak)
-                self.state["checks.streak"] = self._zero_streak
+            self._zero_streaks()
             return
         super().fold()
+
+    def _zero_streaks(self) -> None:
+        """Every streak 0 (no device op once the streak tensor is known to be 0)."""
+        if self.checks.streak is not self._zero_streak:
+            self._zero_streak = torch.zeros_like(self.checks.streak)
+            self.state["checks.streak"] = self._zero_streak
+
+    def readout(self) -> dict[str, Tensor]:
+        self.fold()
+        return self.state.readout()
 
     def _none_missing(self, rows: list[StepEvidence]) -> bool:
         """Whether the host knows that no layer is missing on any of ``rows``: every layer has a gradient
@@ -148,6 +173,8 @@ class NoGradient(WindowedChecks):
         return [missing & got.any(-1, keepdim=True)], [win.norm]
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
+        if not values:  # both latches were known free: nothing to read
+            return []
         assert self.ctx is not None
         hits = self.fired_by_source(values)["missing"]
         inert = self.inert.fired(values)

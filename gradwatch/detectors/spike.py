@@ -112,9 +112,9 @@ class Spike(Detector):
     def state_dict(self) -> dict[str, Any]:
         """The statistics as float64 tensors. Steps not read yet are folded first (one host read:
         checkpoints are rare and copy to the host anyway)."""
-        pending = self.norms.readout()
-        if pending is not None:
-            self.fold(pending.tolist(), self.norms.steps())
+        pending = self.norms.take()
+        if pending:
+            self.fold(pending, self.norms.steps())
         return {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in ("mean", "var", "count")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

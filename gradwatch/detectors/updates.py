@@ -9,6 +9,7 @@ step. This detector takes the largest layer's ratio of each measurement and the 
 from __future__ import annotations
 
 import math
+from itertools import filterfalse
 
 from gradwatch._checks import check_int, check_range
 from gradwatch.detectors._common import UpdateLossSeries, fmt
@@ -48,6 +49,10 @@ class SmallUpdates(UpdateLossSeries):
         self.max_update = check_range("max_update", max_update, 0.0, 1.0)
         self.persist = check_int("persist", persist, 1)
         self.count = self.first = self.ema = self.best = self.streak = 0.0
+
+    def largest(self, ratios: list[float]) -> float:
+        """The largest per-layer ratio (NaN, no measurement, as 0; Inf kept; the ratios are norms: >= 0)."""
+        return max(filterfalse(math.isnan, ratios), default=0.0)
 
     def fold_events(self, events: list[tuple[int, int, float]]) -> list[tuple[int, float]]:
         """Host recursion over the loss and the measurements (by step); the measurements that fire."""
