@@ -640,6 +640,36 @@ class UpdateTracker:
         self._zero_after = False
         self._step = step
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The snapshot waiting for its measure (``None`` when none waits), for a checkpoint.
+
+        A checkpoint taken between a snapshot and its measure (right after a logging step that sampled the
+        weights) carries the sample, so the resumed run measures that update as the uninterrupted one would.
+        """
+        if self._step is None or self._buf is None or self._w2 is None or self._zero_w is None:
+            return None
+        return {
+            "step": self._step,
+            "entries": self._sampler.entries,
+            "sample": self._buf.rows[self._before].detach().cpu().clone(),
+            "w2": self._w2.detach().cpu().clone(),
+            "zero_w": self._zero_w.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`; a sample of another layout (another model) is dropped: nothing to measure."""
+        self._step = None
+        if not state or int(state["entries"]) != self._sampler.entries or len(state["w2"]) != self.n:
+            return
+        buf = self._buffer()
+        dev = buf.buf.device
+        buf.rows[self._before].copy_(state["sample"].to(dev))
+        buf.zero_w.copy_(state["zero_w"].to(dev))
+        self._zero_w = buf.zero_w
+        self._w2 = state["w2"].to(dev, torch.float32).clone()
+        self._chained, self._zero_after, self._after = False, False, None
+        self._step = int(state["step"])
+
     def measure(self) -> tuple[int, Tensor] | None:
         """``(step, ratio[L])`` of the update applied since :meth:`snapshot`, or ``None`` without one.
 
@@ -1182,6 +1212,15 @@ class Evidence:
         self.loss = LossTrack()
         # The input-scale hook stays where it was put at construction (the first weight layer in
         # registration order): moving a hook would make torch.compile recompile a compiled model.
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry for the evidence to resume as it would have gone on: a pending update sample."""
+        return {"update": self.updates.state_dict() if self.updates is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict` (after :meth:`bind`)."""
+        if self.updates is not None:
+            self.updates.load_state_dict((state or {}).get("update"))
 
     def begin(
         self,

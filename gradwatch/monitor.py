@@ -198,6 +198,10 @@ class GradWatch:
         self.param_norm_every = opts.param_norm_every
         self._norm_block: int | None = None  # step // param_norm_every of the last step that read the weights
         self._norm_total = math.nan  # the total gradient norm at the last step that read the weights
+        # After a resume the detectors hold no weight norms: the first logging step reads them, outside the
+        # schedule (which the checkpoint restores, so the update-ratio samples fall where they would have).
+        self._norms_unknown = False
+        self._weights_scheduled = False  # whether this step's weight read is the schedule's
         self.clip = opts.clip
         self.on_nonfinite = opts.on_nonfinite
         self.on_alert = opts.on_alert
@@ -404,6 +408,10 @@ class GradWatch:
             "amp": self._amp.state_dict() if self._amp is not None and bound else None,
             "alerts": self._alert_log.state_dict(),
             "history": list(self.history),
+            # The weight-read schedule (param_norm_every and the early re-read), so a resumed run reads and
+            # samples the weights at the steps the uninterrupted one would.
+            "weights": {"block": -1 if self._norm_block is None else self._norm_block, "total": self._norm_total},
+            "evidence": self._evidence.state_dict() if bound else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,11 +421,18 @@ class GradWatch:
         self._alert_log.load_state_dict(state.get("alerts", {}))
         self.history.clear()
         self.history.extend(state.get("history", []))
+        weights = state.get("weights")
+        if weights is not None:
+            block = int(weights["block"])
+            self._norm_block = None if block < 0 else block
+            self._norm_total = float(weights["total"])
+        self._norms_unknown = True
         if self.clip is not None and state.get("clip") is not None:
             self.clip.load_state_dict(state["clip"])
         if self._collector is not None:
             self._skipped_t.zero_()
             self._load_detectors(state)
+            self._evidence.load_state_dict(state.get("evidence"))
         else:
             self._pending_state = state
 
@@ -455,11 +470,14 @@ class GradWatch:
             return report
         logging_step = step % self.log_every == 0
         inv_scale = self._amp.inv_scale(optimizer) if self._amp is not None else None
+        self._weights_scheduled = scheduled = logging_step and self._param_norm_due(step)
         stats = self._collector.compute(
             gathered, step, full=logging_step, inv_scale=inv_scale,
             grad_max=logging_step and self._grad_max_due(step),
-            param_norm=logging_step and self._param_norm_due(step),
+            param_norm=scheduled or (logging_step and self._norms_unknown),
         )
+        if stats.param_norm is not None:
+            self._norms_unknown = False
         acts = self._tracker.take() if self._tracker is not None else None
         times = self._time.take() if self._time is not None and self._time.names else None
         # With an active GradScaler, inf/NaN gradients are overflow that the scaler skips itself;
@@ -484,7 +502,7 @@ class GradWatch:
             d.update(ev)
         # At the logging steps that read the weights (``param_norm_every``): sample the weights the update
         # will move. The update-ratio sample is a read of the weights too, on the same period.
-        self._evidence.end(step, stats.param_norm is not None)
+        self._evidence.end(step, scheduled)
         if amp_owned:
             assert self._amp is not None
             self._amp.update(stats.any_nonfinite, self._step_t)
@@ -559,7 +577,7 @@ class GradWatch:
         last read, or not finite, the weights may have moved as much and are read at the next logging
         step whatever ``param_norm_every`` says.
         """
-        if stats.param_norm is not None:
+        if self._weights_scheduled:
             self._norm_total = total
             return
         ref = self._norm_total
@@ -763,6 +781,7 @@ class GradWatch:
             bind_clip(self._layers)  # e.g. AGC resolves the layer names it leaves out
         if self._pending_state is not None:
             self._load_detectors(self._pending_state)
+            self._evidence.load_state_dict(self._pending_state.get("evidence"))
             self._pending_state = None
         if is_rank_zero():
             self.sinks.meta(

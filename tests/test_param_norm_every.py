@@ -115,19 +115,70 @@ def test_meta_and_repr_carry_the_period(tmp_path):
     assert "param_norm_every=7" in repr(monitor)
 
 
-def test_resumed_monitor_reads_the_weights_at_its_first_logging_step():
-    first, _ = _train(7, log_every=1)
-    resumed = gw.GradWatch(_model(), sinks=[], on_alert="ignore", log_every=1)
-    resumed.load_state_dict(first.state_dict())
-    model = resumed.model
-    x = torch.randn(16, 4)
-    for _ in range(3):
-        model.zero_grad()
-        model(x).sum().backward()
-        resumed.step()
+def _steps(model, opt, monitor, x, y, steps: range) -> None:
+    for s in steps:
+        opt.zero_grad()
+        # Gradients shrink 3x at step 4: the early re-read falls at step 5, before the checkpoint.
+        (nn.functional.mse_loss(model(x), y) * (1 / 3 if s >= 4 else 1.0)).backward()
+        monitor.step()
+        opt.step()
+
+
+def _update_steps(monitor) -> list[int]:
+    return [int(h["step"]) for h in monitor.history if "update_ratio/0" in h]
+
+
+def test_a_resumed_run_reads_and_samples_the_weights_where_the_uninterrupted_one_does(tmp_path):
+    # The checkpoint is taken right after a weight read (step 5): its update-ratio sample waits for the
+    # measure at step 6, and travels in the checkpoint. The resumed monitor reads the weight norms at its
+    # first logging step too (the detectors hold none), outside the schedule.
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    full_model = _model()
+    full_opt = torch.optim.SGD(full_model.parameters(), lr=0.05)
+    full = gw.GradWatch(full_model, sinks=[], on_alert="ignore", log_every=1)
+    _steps(full_model, full_opt, full, x, y, range(12))
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = gw.GradWatch(model, sinks=[], on_alert="ignore", log_every=1)
+    _steps(model, opt, first, x, y, range(6))
+    torch.save({"monitor": first.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
+    first.close()
+
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    model = _model()
+    model.load_state_dict(ckpt["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt.load_state_dict(ckpt["opt"])
+    resumed = gw.GradWatch(model, sinks=[], on_alert="ignore", log_every=1)
+    resumed.load_state_dict(ckpt["monitor"])
+    _steps(model, opt, resumed, x, y, range(6, 12))
+    full.close()
     resumed.close()
-    after = [(int(h["step"]), "param_norm/0" in h) for h in resumed.history if h["step"] >= 7]
-    assert after == [(7, True), (8, False), (9, False)]
+
+    assert _read_steps(full) == [0, 5, 10]  # the schedule, and the re-read after the 3x drop at step 4
+    assert [s for s in _read_steps(resumed) if s >= 6] == [6, 10]
+    assert [s for s in _update_steps(full) if s >= 6] == [s for s in _update_steps(resumed) if s >= 6] == [6, 11]
+    after = {int(h["step"]): h for h in full.history}
+    for h in resumed.history:
+        if h["step"] >= 6 and "update_ratio/0" in h:
+            assert h["update_ratio/0"] == pytest.approx(after[int(h["step"])]["update_ratio/0"], rel=1e-5)
+    _assert_same_state(full.state_dict()["detectors"], resumed.state_dict()["detectors"])
+
+
+def _assert_same_state(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12, equal_nan=True)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_state(x, y)
+    else:
+        assert a == b
 
 
 class _Ops(TorchDispatchMode):
