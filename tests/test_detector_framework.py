@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 
 import pytest
 import torch
@@ -19,13 +20,16 @@ from gradwatch.detectors import (
     GradStats,
     Latch,
     NonFinite,
+    Oscillation,
     Persistence,
+    SmallUpdates,
     Spike,
     StepEvidence,
     TimeVanishing,
     Vanishing,
 )
 from gradwatch.detectors._common import HostPersistence, HostRow
+from gradwatch.detectors.base import Series
 from gradwatch.detectors.depth import _LayerFigures
 from gradwatch.layers import Layer
 from gradwatch.temporal import TimeProfile
@@ -575,3 +579,87 @@ def test_a_tensor_two_detectors_hand_over_travels_once_and_both_read_it(order: s
     assert [(f.source, f.step, f.layer) for f in alone_e] == [("ratio", 3, "l2")]
     assert handed_alone[0] == {"grad_norm", "param_norm", "total_norm", "floor", "numel"}
     assert handed_both[0] == {"total_norm", "floor", "numel"} and handed_both[1] == {"total_norm"}
+
+
+# ------------------------------------------------------------------------------------ logging-step host work
+def test_series_hands_one_value_over_as_it_is_and_a_window_as_one_float32_vector() -> None:
+    """One step (log_every=1): the recorded 0-d tensor itself (no op; the transfer flattens it); several: one
+    float32 vector, chunks included; ``take`` reads the same values on the host (checkpoints)."""
+    s = Series(chunk=3)
+    loss = torch.tensor(2.5, dtype=torch.float64)
+    s.add(loss, 7)
+    assert s.readout() is loss and s.steps() == [7]
+    assert s.readout() is None and s.steps() == []
+    values = [torch.tensor(float(i) + 0.1, dtype=torch.float64) for i in range(5)]
+    for i, v in enumerate(values):
+        s.add(v, 10 + i)
+    out = s.readout()
+    assert out is not None and out.dtype == torch.float32 and out.shape == (5,)
+    assert out.tolist() == torch.tensor([float(i) + 0.1 for i in range(5)], dtype=torch.float32).tolist()
+    assert s.steps() == [10, 11, 12, 13, 14]
+    s.add(loss, 20)
+    assert s.take() == [2.5] and s.steps() == [20]
+
+
+def test_a_latch_the_host_knows_is_free_is_left_out_of_the_readout() -> None:
+    """After a read that found nothing latched, and until the latch is updated again, its entries are known
+    (every step -1): the readout leaves them out, and ``fired`` without them finds nothing."""
+    st = DeviceState()
+    st.add_state("other", lambda dev: torch.zeros(2, device=dev), readout=True)
+    latch = Latch(st, "x", 3)
+    st.bind(CPU)
+    names = {"other", "x.fired_step", "x.fired_value"}
+    assert set(st.readout()) == names  # not read yet (a loaded state may hold entries)
+    assert latch.fired(read(st)) == [] and latch.known_free
+    assert set(st.readout()) == {"other"}
+    assert latch.fired({"other": [0.0, 0.0]}) == [] and latch.known_free
+    latch.update(torch.tensor([False, True, False]), torch.tensor(4.0), value=torch.tensor([0.0, 40.0, 0.0]))
+    assert not latch.known_free and set(st.readout()) == names
+    assert [(f.index, f.step, f.value) for f in latch.fired(read(st))] == [(1, 4, 40.0)]
+    assert latch.known_free and set(st.readout()) == {"other"}  # cleared by the read: known free
+    st.load_state_dict({"x": {"fired_step": torch.tensor([-1.0, 3.0, -1.0])}})
+    assert set(st.readout()) == names  # a loaded latch is read again
+    assert [(f.index, f.step) for f in latch.fired(read(st))] == [(1, 3)]
+
+
+@pytest.mark.parametrize("detector", [SmallUpdates, Oscillation])
+def test_an_update_measurement_is_reduced_on_the_host_as_the_device_reduced_it(detector: type) -> None:
+    """The largest per-layer update ratio, taken on the host from the float32 ratios read back, equals the device
+    reduction it replaces (SmallUpdates: NaN as 0, Inf kept; Oscillation: NaN and Inf as 0), for vectors with
+    NaN (no measurement), Inf (a weight at exactly 0), zeros and ratios across 60 orders of magnitude."""
+    rng = random.Random(3)
+    d = detector()
+    posinf = math.inf if detector is SmallUpdates else 0.0
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        r = torch.tensor(
+            [rng.choice([math.nan, math.inf, 0.0, *[10 ** rng.uniform(-30, 30)] * 6]) for _ in range(n)],
+            dtype=torch.float32,
+        )
+        want = float(r.nan_to_num(0.0, posinf, -math.inf).amax())
+        assert d.largest(r.tolist()) == want
+
+
+def test_the_ratio_prefilter_never_misses_a_float32_crossing() -> None:
+    """A step skips the float32 ratios when no float64 quotient crosses the bound: rounding to float32 is monotonic,
+    so no float32 ratio crosses it either. Checked against the ratios themselves with quotients within a few float32
+    ulps of either bound (both sides), and anywhere."""
+    rng = random.Random(8)
+    n = 3
+    lay = _LayerFigures(ctx_for(n))
+    lay.take_consts({k: v.tolist() for k, v in lay.consts().items()})
+    low, high = array("f", [1e-8])[0], array("f", [50.0])[0]
+    skipped = near = 0
+    for _ in range(3000):
+        lay.param_norm([10 ** rng.uniform(-2, 3) for _ in range(n)], 0)
+        pn = list(lay._pn)  # type: ignore[arg-type]
+        ulps = [(1 + rng.choice([-1, 1]) * 2.0 ** -rng.randint(21, 27)) for _ in range(n)]
+        norms = [rng.choice([low, high, 10 ** rng.uniform(-12, 4)]) * p * u for p, u in zip(pn, ulps)]
+        row = HostRow(0, (True,) * n, {"grad_norm": norms}, {})
+        ratios = lay.ratios(row)
+        for test, crossed in ((low.__gt__, any(r < low for r in ratios)), (high.__lt__, any(r > high for r in ratios))):
+            if not lay.may_cross(row, test):
+                skipped += 1
+                near += any(abs(r / b - 1) < 2**-20 for r in ratios for b in (low, high))
+                assert not crossed
+    assert skipped > 1000 and near > 100  # skipped steps, many with a ratio at a bound

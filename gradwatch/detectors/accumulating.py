@@ -61,6 +61,7 @@ class Accumulating(Detector):
         self.persist = check_int("persist", persist, 2)
         self._prev: Tensor | None = None
         self._rows: list[tuple[int, GradSample | None]] = []
+        self._idle = False
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
@@ -70,6 +71,7 @@ class Accumulating(Detector):
         self.state.bind(ctx.device)
         self._prev = None
         self._rows = []
+        self._idle = False  # the last readout found the latch known free, and no fold latched since
 
     def update(self, ev: StepEvidence) -> None:
         if ev.carried is None and self._prev is None and not self._rows:
@@ -83,6 +85,7 @@ class Accumulating(Detector):
         rows, self._rows = self._rows, []
         if not rows or self.ctx is None:
             return
+        self._idle = False
         n = len(self.ctx.layers)
         st = self.state
         for step, sample in rows:
@@ -101,12 +104,20 @@ class Accumulating(Detector):
             self.latch.update(streak >= self.persist, step_t, value=beta)
 
     def readout(self) -> dict[str, Tensor]:
+        if self._idle and not self._rows:  # nothing recorded nor latched since a readout found the latch free
+            return {}
         self.fold()
-        return super().readout()
+        out = super().readout()
+        self._idle = not out
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         self.fold()
         return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._idle = False  # the latch may hold entries
+        super().load_state_dict(state)
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         if not values:  # the latch was known free: nothing to read

@@ -76,12 +76,12 @@ class _LayerFigures:
         self._ctx = id(ctx)  # detectors bound to one context derive the same figures from the same step
         self.numel_t = ctx.numel
         self.floor: list[float] | None = None
-        self._half_log_numel: list[float] = []
+        self._half_log_numel: array[float] = array("d")
         self.reset()
 
     def reset(self) -> None:
         """No weight norm known (the ratios are NaN until a step brings them)."""
-        self._pn: list[float] | None = None  # the last weight norms known, NaN where no ratio means anything
+        self._pn: array[float] | None = None  # the last weight norms known, NaN where no ratio means anything
         self._raw: list[float] | None = None  # the last weight norms known, as read
         self._pn_at: int | None = None  # the step that brought them
         self._total_all = math.nan  # their total norm
@@ -94,7 +94,8 @@ class _LayerFigures:
         """Keep the constants :meth:`consts` handed over (when they are in ``values``)."""
         if "floor" in values:
             self.floor = host_list(values["floor"])
-            self._half_log_numel = [0.5 * math.log(max(x, 1.0)) for x in host_list(values["numel"])]
+            # (contiguous doubles, not a list of float objects: read every step, they stay few cache lines)
+            self._half_log_numel = array("d", [0.5 * math.log(max(x, 1.0)) for x in host_list(values["numel"])])
 
     def read_consts(self) -> None:
         """Read the constants now (one host read: checkpoints only)."""
@@ -107,7 +108,8 @@ class _LayerFigures:
         inf = math.inf
         self._raw, self._pn_at = pn, step
         self._total_all = math.sqrt(math.fsum(p * p for p in pn))
-        self._pn = [p if f < p < inf else math.nan for p, f in zip(pn, self.floor)]
+        # Contiguous doubles (read every step until the next weight read: a list's float objects scatter in memory).
+        self._pn = array("d", [p if f < p < inf else math.nan for p, f in zip(pn, self.floor)])
 
     def total_weight(self, present: tuple[bool, ...]) -> float:
         """The total weight norm of the present layers (float64; NaN: no weight norm known yet)."""
@@ -117,6 +119,13 @@ class _LayerFigures:
         if all(present):
             return self._total_all
         return math.sqrt(math.fsum(p * p for p, ok in zip(raw, present) if ok))
+
+    def may_cross(self, row: HostRow, test: Any) -> bool:
+        """Whether ``test`` holds for some float64 quotient ``||g|| / ||w||`` of the row (``low.__gt__``: one below
+        ``low``; ``high.__lt__``: one above ``high``): necessary for a float32 ratio of :meth:`ratios` to cross a
+        float32 bound, rounding to float32 being monotonic (so a healthy step skips the ratios, one C-level scan)."""
+        pn = self._pn
+        return pn is not None and any(map(test, map(operator.truediv, row.cols["grad_norm"], pn)))
 
     def ratios(self, row: HostRow) -> list[float]:
         """float32 ``||g|| / ||w||`` per layer of the row; NaN where it means nothing (shared through the row's memo
@@ -240,7 +249,7 @@ class Vanishing(Detector):
     def _blocked(self, rows: list[StepEvidence]) -> dict[str, Tensor]:
         """``[T, L]`` exact zeros that nothing in the model explains (no_gradient's): with tracked activations only."""
         assert self.ctx is not None
-        if any(ev.activations is None for ev in rows):
+        if rows[-1].activations is None or any(ev.activations is None for ev in rows):
             return {}
         grad_sq = stacked(rows, "grad_sq", lambda ev: ev.stats.grad_sq)
         present = stacked(rows, "present", lambda ev: ev.stats.present)
@@ -253,7 +262,10 @@ class Vanishing(Detector):
 
     def readout(self) -> dict[str, Tensor]:
         assert self._rows is not None
-        return {**self._layers.consts(), **self._rows.readout()}
+        out = self._rows.readout()
+        if self._layers.floor is None:  # the per-layer constants, read once
+            out.update(self._layers.consts())
+        return out
 
     def _run(self, rows: list[HostRow]) -> None:
         """Every check over the rows read back, oldest first, with the device's float32 figures per layer."""
@@ -266,9 +278,11 @@ class Vanishing(Detector):
             g = cols["grad_norm"]  # zero exactly where the squared norm is
             if "param_norm" in cols:
                 lay.param_norm(cols["param_norm"], step)
-            ratio = lay.ratios(row)
-            # (a C-level scan first: in a healthy run no ratio is low, NaN compares False)
-            low = [i for i in weight if ratio[i] < low_at] if any(map(low_at.__gt__, ratio)) else []
+            low: list[int] = []
+            ratio: list[float] = []  # (read only at the entries that hold)
+            if lay.may_cross(row, low_at.__gt__):  # (NaN compares False)
+                ratio = lay.ratios(row)
+                low = [i for i in weight if ratio[i] < low_at]
             zero: list[int] = []
             if 0.0 in g:  # an exact zero at a weight layer with a gradient, that backward wrote and nothing explains
                 unreached, blocked = cols.get("unreached"), cols.get("blocked")
@@ -508,15 +522,23 @@ class _ModelWide:
             overflow = to_inf or (not total < math.inf and (growing or self.last_held))
             self.last_total, self.last_rate = total, [prev_rate, rate]
             self.last_held = depth or high > 0 or over or grow
-            checks = (
-                (depth, depth_far, math.exp(log_r) if log_r == log_r else math.nan),
-                (over, whole > max_ratio * _FAR, whole),
-                (grow, False, math.exp(min(excess, 700.0)) if excess == excess else math.nan),
-                (overflow, overflow, rate if usable else prev_rate),
-            )
-            for k, (cond, now, value) in enumerate(checks):
-                self.streak[k] = self.streak[k] + 1.0 if cond else 0.0
-                if (self.streak[k] >= d.persist or now) and self.fired_step[k] < 0:
+            streak = self.streak
+            if not (depth or over or grow or overflow):  # (each check's immediate implies its condition)
+                streak[0] = streak[1] = streak[2] = streak[3] = 0.0
+                continue
+            conds = (depth, over, grow, overflow)
+            nows = (depth_far, whole > max_ratio * _FAR, False, overflow)
+            for k in range(4):
+                streak[k] = streak[k] + 1.0 if conds[k] else 0.0
+                if (streak[k] >= d.persist or nows[k]) and self.fired_step[k] < 0:
+                    if k == 0:
+                        value = math.exp(log_r) if log_r == log_r else math.nan
+                    elif k == 1:
+                        value = whole
+                    elif k == 2:
+                        value = math.exp(min(excess, 700.0)) if excess == excess else math.nan
+                    else:
+                        value = rate if usable else prev_rate
                     self.fired_step[k], self.fired_value[k] = float(step), value
 
     def fired(self) -> dict[str, list[Fired]]:
@@ -636,7 +658,10 @@ class Exploding(Detector):
 
     def readout(self) -> dict[str, Tensor]:
         assert self._rows is not None
-        return {**self._layers.consts(), **self._rows.readout()}
+        out = self._rows.readout()
+        if self._layers.floor is None:  # the per-layer constants, read once
+            out.update(self._layers.consts())
+        return out
 
     def _run(self, rows: list[HostRow]) -> None:
         """Every check over the rows read back, oldest first: per layer here, model-wide in :class:`_ModelWide`
@@ -647,9 +672,12 @@ class Exploding(Detector):
             step, present, cols, _ = row
             if "param_norm" in cols:
                 lay.param_norm(cols["param_norm"], step)
-            ratio = lay.ratios(row)
-            high = [i for i, r in enumerate(ratio) if r > high_at] if any(map(high_at.__lt__, ratio)) else []
-            self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at] if high else ())
+            high: list[int] = []
+            ratio: list[float] = []  # (read only at the entries that hold)
+            if lay.may_cross(row, high_at.__lt__):  # (NaN compares False)
+                ratio = lay.ratios(row)
+                high = [i for i, r in enumerate(ratio) if r > high_at]
+            self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at] if high else [])
             total = cols["total_norm"][0]
             figures += [total, lay.total_weight(present), lay.log_ratio(row), 1.0 if high else 0.0]
         self._host.run([r.step for r in rows], figures)

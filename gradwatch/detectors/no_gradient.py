@@ -13,6 +13,8 @@ Steps are recorded by reference and folded at the logging step, vectorised over 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -83,6 +85,7 @@ class NoGradient(WindowedChecks):
     def __init__(self, window: int = 20) -> None:
         self.window_steps = check_int("window", window, 1)
         super().__init__(self.window_steps)
+        self._idle = False
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
@@ -96,6 +99,7 @@ class NoGradient(WindowedChecks):
         self._zero_streak: Tensor | None = None  # the streak tensor known to be 0 everywhere
         self._zeroed = False  # steps with no layer missing were folded on the host: every streak is 0
         self._blocks = bool(ctx.weight_layers)  # blocked_zero may claim a layer (with tracked activations)
+        self._idle = False  # the last readout found both latches known free, and no fold latched since
 
     def update(self, ev: StepEvidence) -> None:
         if ev.optimizer_inert and self._inert_pending is None:
@@ -116,6 +120,7 @@ class NoGradient(WindowedChecks):
 
     def fold(self) -> None:
         if self._inert_pending is not None:
+            self._idle = False
             step = torch.full((), float(self._inert_pending), device=self._true.device)
             self.inert.update(self._true, step, value=self._true.to(torch.float32))
             self._inert_pending = None
@@ -132,6 +137,7 @@ class NoGradient(WindowedChecks):
                     self._param_norm = ev.stats.param_norm
             self._zero_streaks()
             return
+        self._idle = False
         super().fold()
 
     def _zero_streaks(self) -> None:
@@ -141,8 +147,20 @@ class NoGradient(WindowedChecks):
             self.state["checks.streak"] = self._zero_streak
 
     def readout(self) -> dict[str, Tensor]:
+        if self._idle and not self.window.rows and self._inert_pending is None:
+            # Nothing recorded, nothing latched since a readout found both latches free: nothing to read.
+            if self._zeroed:
+                self._zeroed = False
+                self._zero_streaks()
+            return {}
         self.fold()
-        return self.state.readout()
+        out = self.state.readout()
+        self._idle = not out
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._idle = False  # the latches may hold entries
+        super().load_state_dict(state)
 
     def _none_missing(self, rows: list[StepEvidence]) -> bool:
         """Whether the host knows that no layer is missing on any of ``rows``: every layer has a gradient
