@@ -74,6 +74,7 @@ class _LayerFigures:
         self.first_layer = w[0] if w else 0
         self.floor_t = _ZERO_WEIGHT_RMS * ctx.numel.sqrt()  # float32, read back once (the first read)
         self._ctx = id(ctx)  # detectors bound to one context derive the same figures from the same step
+        self._log_key = ("log_ratio", self._ctx)
         self.numel_t = ctx.numel
         self.floor: list[float] | None = None
         self._half_log_numel: array[float] = array("d")
@@ -152,10 +153,9 @@ class _LayerFigures:
         """log(early RMS / late RMS) of the row, NaN where a group has no usable layer (float64)."""
         if not self.depth_enabled:
             return math.nan
-        key = ("log_ratio", self._ctx)
-        out = row.memo.get(key)
+        out = row.memo.get(self._log_key)
         if out is None:
-            out = row.memo[key] = self._log_ratio(row.cols["grad_norm"], row.present)
+            out = row.memo[self._log_key] = self._log_ratio(row.cols["grad_norm"], row.present)
         return out  # type: ignore[no-any-return]
 
     def _log_ratio(self, norms: list[float], present: tuple[bool, ...]) -> float:
@@ -346,7 +346,8 @@ class Vanishing(Detector):
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None and self._rows is not None
-        self._layers.take_consts(values)
+        if "floor" in values:
+            self._layers.take_consts(values)
         self._run(self._rows.rows(values))
         if not (self._zero.latched or self._ratio.latched or max(self._host.fired_step) >= 0):
             return []  # nothing latched (no entry to free)
@@ -733,7 +734,8 @@ class Exploding(Detector):
 
     def collect(self, values: dict[str, list[float]], step: int) -> list[Finding]:
         assert self.ctx is not None and self._rows is not None
-        self._layers.take_consts(values)
+        if "floor" in values:
+            self._layers.take_consts(values)
         self._run(self._rows.rows(values))
         if not self._ratio.latched and max(self._host.fired_step) < 0:
             return []  # nothing latched (no entry to free)
