@@ -558,16 +558,16 @@ class HostPersistence:
         self.streak = [0.0] * self.n
         self.fired_step = [-1.0] * self.n
         self.fired_value = [0.0] * self.n
-        self._active: set[int] = set()  # entries with a non-zero streak
+        self.active: set[int] = set()  # entries with a non-zero streak
         self.latched: set[int] = set()  # entries latched and not read yet
 
     def advance(self, held: list[int], values: list[float], step: int, immediate: list[int] = ()) -> None:  # type: ignore[assignment]
         """One step: ``held`` the entries whose condition holds, ``values`` indexed by entry."""
-        if not held and not immediate and not self._active:  # nothing holds now nor did the step before
+        if not held and not immediate and not self.active:  # nothing holds now nor did the step before
             return
         streak, fired_step = self.streak, self.fired_step
         now = set(held)
-        for i in self._active - now:
+        for i in self.active - now:
             streak[i] = 0.0
         for i in held:
             streak[i] += 1.0
@@ -578,7 +578,7 @@ class HostPersistence:
             if fired_step[i] < 0:
                 fired_step[i], self.fired_value[i] = float(step), values[i]
                 self.latched.add(i)
-        self._active = now
+        self.active = now
 
     def fired(self) -> list[Fired]:
         """The latched entries (by index), and free them."""
@@ -593,5 +593,5 @@ class HostPersistence:
     def load(self, streak: list[float], fired_step: list[float], fired_value: list[float]) -> None:
         """Restore the checkpointed entries."""
         self.streak, self.fired_step, self.fired_value = list(streak), list(fired_step), list(fired_value)
-        self._active = {i for i, s in enumerate(self.streak) if s != 0}
+        self.active = {i for i, s in enumerate(self.streak) if s != 0}
         self.latched = {i for i, s in enumerate(self.fired_step) if s >= 0}

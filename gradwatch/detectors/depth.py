@@ -257,8 +257,7 @@ class Vanishing(Detector):
         return {} if blocked is None else {"blocked": blocked}
 
     def update(self, ev: StepEvidence) -> None:
-        assert self._rows is not None
-        self._rows.add(ev)
+        self._rows.add(ev)  # type: ignore[union-attr]  # (bound before any step)
 
     def readout(self) -> dict[str, Tensor]:
         assert self._rows is not None
@@ -290,19 +289,24 @@ class Vanishing(Detector):
                     i for i in weight
                     if g[i] == 0.0 and present[i] and not (unreached and unreached[i]) and not (blocked and blocked[i])
                 ]
-            self._zero.advance(zero, g, step)
-            self._ratio.advance(low, ratio, step)
+            # (advance only what holds now or held the step before: nothing, in a healthy run)
+            if zero or self._zero.active:
+                self._zero.advance(zero, g, step)
+            if low or self._ratio.active:
+                self._ratio.advance(low, ratio, step)
             # depth: log ratio below the threshold's log (NaN, no usable layer: False)
             log_r = lay.log_ratio(row)
             depth = log_r < self._depth_at
-            host.advance(0, depth, math.exp(log_r), step, persist)
+            if depth or host.streak[0]:
+                host.advance(0, depth, math.exp(log_r), step, persist)
             dying, gain = False, math.nan
             if gains:
                 active, seen = cols["act_active"], cols["act_seen"]
                 log_gain = 0.5 * sum(math.log(max(2.0 * active[i], TINY)) for i in self._relu if seen[i])
                 gain = math.exp(log_gain)
                 dying = (depth or bool(low)) and log_gain <= self._dying_at
-            host.advance(1, dying, gain, step, persist)
+            if dying or host.streak[1]:
+                host.advance(1, dying, gain, step, persist)
 
     # -- checkpoints: every check's entries side by side, in ``layout`` order
     def state_dict(self) -> dict[str, Any]:
@@ -654,8 +658,7 @@ class Exploding(Detector):
             self._loaded = None
 
     def update(self, ev: StepEvidence) -> None:
-        assert self._rows is not None
-        self._rows.add(ev)
+        self._rows.add(ev)  # type: ignore[union-attr]  # (bound before any step)
 
     def readout(self) -> dict[str, Tensor]:
         assert self._rows is not None
@@ -678,7 +681,8 @@ class Exploding(Detector):
             if lay.may_cross(row, high_at.__lt__):  # (NaN compares False)
                 ratio = lay.ratios(row)
                 high = [i for i, r in enumerate(ratio) if r > high_at]
-            self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at] if high else [])
+            if high or self._ratio.active:  # (nothing holds now nor did the step before: nothing to advance)
+                self._ratio.advance(high, ratio, step, [i for i in high if ratio[i] > far_at])
             total = cols["total_norm"][0]
             figures += [total, lay.total_weight(present), lay.log_ratio(row), 1.0 if high else 0.0]
         self._host.run([r.step for r in rows], figures)
