@@ -85,7 +85,9 @@ def single_process_records(tmp_path: Path) -> list[dict[str, Any]]:
     model = C.make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "single.jsonl"
-    monitor = gw.GradWatch(model, sinks=[gw.sinks.JSONL(path)], log_every=DDP_LOG_EVERY, grad_max_every=1, param_norm_every=1)
+    monitor = gw.GradWatch(
+        model, sinks=[gw.sinks.JSONL(path)], log_every=DDP_LOG_EVERY, grad_max_every=1, param_norm_every=1
+    )
     for step in range(DDP_STEPS):
         x, y = C.batch(step)
         C.loss_fn(model(x), y).backward()

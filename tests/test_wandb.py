@@ -61,7 +61,8 @@ def test_plain_loop_history_alerts_table_and_heatmap(tmp_path):
     run = wandb.init(project="gradwatch-test", mode="offline", dir=tmp_path)
     model = sigmoid_stack()
     monitor = gw.GradWatch(
-        model, sinks=[gw.sinks.Wandb(run, chart_every=5)], log_every=1, grad_max_every=1, param_norm_every=1, on_alert="ignore"
+        model, sinks=[gw.sinks.Wandb(run, chart_every=5)], log_every=1, grad_max_every=1, param_norm_every=1,
+        on_alert="ignore",
     )
     train_plain(monitor, model, steps=10)
     monitor.close()

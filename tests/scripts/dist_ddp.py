@@ -96,7 +96,9 @@ def worker(rank: int, out_dir: str) -> dict[str, Any]:
     jsonl = os.path.join(out_dir, "ddp.jsonl")
     return {
         "rank": rank,
-        "records": _train(rank, {"sinks": [gw.sinks.JSONL(jsonl)], "log_every": 2, "grad_max_every": 1, "param_norm_every": 1}),
+        "records": _train(
+            rank, {"sinks": [gw.sinks.JSONL(jsonl)], "log_every": 2, "grad_max_every": 1, "param_norm_every": 1}
+        ),
         "warn": _train(rank, {"sinks": [], "log_every": 2, "on_nonfinite": "warn"}),
         "nan": _train(
             rank,

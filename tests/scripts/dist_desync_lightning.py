@@ -90,6 +90,11 @@ def main(out: Path) -> None:
         "all_gather": gathers,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
+    # Lightning leaves the gloo group up; torn down at interpreter exit its threads can race the destructor
+    # ("terminate called without an active exception"). Both ranks meet, then tear down.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -81,12 +81,13 @@ def worker(rank: int, out_dir: str) -> dict[str, Any]:
                                 "grad_max_every": 1, "param_norm_every": 1}),
         "clip": _train(
             rank,
-            {"sinks": [gw.sinks.JSONL(os.path.join(out_dir, "clip.jsonl"))], "log_every": 1, "grad_max_every": 1, "param_norm_every": 1,
-             "clip": gw.clip.Norm(MAX_NORM)},
+            {"sinks": [gw.sinks.JSONL(os.path.join(out_dir, "clip.jsonl"))], "log_every": 1, "grad_max_every": 1,
+             "param_norm_every": 1, "clip": gw.clip.Norm(MAX_NORM)},
         ),
         "clip_inf": _train(
             rank,
-            {"sinks": [], "log_every": 2, "grad_max_every": 1, "param_norm_every": 1, "clip": gw.clip.Norm(MAX_INF, norm_type=float("inf"))},
+            {"sinks": [], "log_every": 2, "grad_max_every": 1, "param_norm_every": 1,
+             "clip": gw.clip.Norm(MAX_INF, norm_type=float("inf"))},
         ),
         "nan": _train(rank, {"sinks": [], "log_every": 100, "on_alert": "ignore"}, nan_step=NAN_STEP),
         "agc": _train(rank, {"sinks": [], "log_every": 2, "clip": gw.clip.AGC(AGC_CLIPPING, exclude_1d=True,

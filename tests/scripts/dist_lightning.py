@@ -93,7 +93,8 @@ def main(mode: str, out: Path) -> None:
     else:
         strategy = "ddp" if mode == "ddp" else "auto"
     callback = GradWatchCallback(
-        sinks=[gw.sinks.JSONL(out / "records.jsonl")], log_every=1, grad_max_every=1, param_norm_every=1, on_alert="ignore"
+        sinks=[gw.sinks.JSONL(out / "records.jsonl")], log_every=1, grad_max_every=1, param_norm_every=1,
+        on_alert="ignore",
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -111,6 +112,11 @@ def main(mode: str, out: Path) -> None:
     assert callback.monitor is not None
     info = {"layers": callback.monitor.layers, "steps": callback.monitor.step_count, "world_size": trainer.world_size}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
+    # Lightning leaves the gloo group up; torn down at interpreter exit its threads can race the destructor
+    # ("terminate called without an active exception"). Both ranks meet, then tear down.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

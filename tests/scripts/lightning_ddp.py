@@ -100,6 +100,11 @@ def main(out: Path) -> None:
         num_sanity_val_steps=0,
     )
     trainer.fit(Net(out), loader)
+    # Lightning leaves the gloo group up; torn down at interpreter exit, its threads race the destructor
+    # ("terminate called without an active exception" on a loaded machine). Both ranks meet, then tear down.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
