@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch import schema
 from gradwatch._options import MonitorOptions
 from gradwatch.activations import ActivationTracker
 from gradwatch.alerts import Alert, AlertLog
@@ -201,7 +202,6 @@ class GradWatch:
         # After a resume the detectors hold no weight norms: the first logging step reads them, outside the
         # schedule (which the checkpoint restores, so the update-ratio samples fall where they would have).
         self._norms_unknown = False
-        self._weights_scheduled = False  # whether this step's weight read is the schedule's
         self.clip = opts.clip
         self.on_nonfinite = opts.on_nonfinite
         self.on_alert = opts.on_alert
@@ -470,7 +470,7 @@ class GradWatch:
             return report
         logging_step = step % self.log_every == 0
         inv_scale = self._amp.inv_scale(optimizer) if self._amp is not None else None
-        self._weights_scheduled = scheduled = logging_step and self._param_norm_due(step)
+        scheduled = logging_step and self._param_norm_due(step)  # this step's weight read is the schedule's
         stats = self._collector.compute(
             gathered, step, full=logging_step, inv_scale=inv_scale,
             grad_max=logging_step and self._grad_max_due(step),
@@ -542,6 +542,7 @@ class GradWatch:
             report.metrics, findings, skipped_now = self._read(
                 stats, gathered, clip_result, counts, inv_scale, times, ev.loss, device_skipped
             )
+            self._watch_weight_age(report.metrics[schema.GRAD_NORM_TOTAL], scheduled)
             if device_skipped is not None:
                 report.skipped = skipped_now
             if self._desync is not None:
@@ -568,7 +569,7 @@ class GradWatch:
         self._norm_block = block
         return True
 
-    def _watch_weight_age(self, stats: GradStats, total: float) -> None:
+    def _watch_weight_age(self, total: float, scheduled: bool) -> None:
         """Read the weights again at the next logging step once the gradients have moved fast.
 
         Between weight reads the detectors relate gradients to the last weight norms known. That is
@@ -576,8 +577,12 @@ class GradWatch:
         is more than :data:`WEIGHT_REREAD_FACTOR` times (or less than its inverse) what it was at the
         last read, or not finite, the weights may have moved as much and are read at the next logging
         step whatever ``param_norm_every`` says.
+
+        Args:
+            total: this logging step's total gradient norm (read back).
+            scheduled: whether this step read the weights on the schedule (the reference to compare with).
         """
-        if self._weights_scheduled:
+        if scheduled:
             self._norm_total = total
             return
         ref = self._norm_total
@@ -614,7 +619,6 @@ class GradWatch:
         self._register_watchers(out)
         out.add_all("ev/", self._evidence.readout())
         values = out.read()
-        self._watch_weight_age(stats, values.scalar("m/total"))
         exact: list[float] | None = None
         if counts is None and not all(v == v and abs(v) != float("inf") for v in values["m/grad_norm"]):
             # Rare path (non-finite values, flag not read before): one more read for exact counts.

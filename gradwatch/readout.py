@@ -107,10 +107,8 @@ class Readout:
         scalars: list[tuple[str, Tensor]] = []
         with torch.no_grad():
             for name, t in self._entries.items():
-                if t.device != dev:
-                    t = t.to(dev)
-                if t.dtype != f32:
-                    t = t.to(f32)
+                if t.device != dev or t.dtype != f32:
+                    t = t.to(dev, f32)
                 if t.dim() == 0:
                     scalars.append((name, t))
                 else:

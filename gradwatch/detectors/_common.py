@@ -24,9 +24,11 @@ from gradwatch.detectors.base import (
     stacked,
     window_steps,
 )
+from gradwatch.readout import Readout
 
 __all__ = [
     "GradWindow",
+    "HostChecked",
     "HostPersistence",
     "HostRow",
     "HostRows",
@@ -498,17 +500,9 @@ class HostRows:
         blocks = self._pending()
         if not blocks:
             return []
-        tensors = self._tensors(blocks)
-        names = list(tensors)
-        if not names:
-            return self._split(blocks, {})
-        flat = [tensors[n].reshape(-1).to(torch.float32) for n in names]
-        host = torch.cat(flat).cpu().tolist()
-        values, i = {}, 0
-        for n, t in zip(names, flat):
-            values[n] = host[i : i + t.numel()]
-            i += t.numel()
-        return self._split(blocks, values)
+        out = Readout()
+        out.add_all("", self._tensors(blocks))
+        return self._split(blocks, dict(out.read()))
 
     @staticmethod
     def _split(blocks: list[_Block], values: dict[str, Any]) -> list[HostRow]:
@@ -537,6 +531,61 @@ class HostRows:
     def reset(self) -> None:
         """Forget every recorded step."""
         self._rows, self._blocks, self._read, self._links = [], [], [], {}
+
+
+class HostChecked(Detector):
+    """A detector whose checks run on the host, over the :class:`HostRows` read back at the logging step.
+
+    Steps are recorded by reference (:meth:`update`, no device op) and their raw figures handed to the one
+    transfer (:meth:`readout`). The state lives on the host, sized by the number of layers: a state loaded
+    before :meth:`bind` is kept as given and applied when :meth:`_bound` is called at the end of ``bind``.
+    Subclasses set up their columns in ``bind``, check rows in :meth:`_run` and restore in :meth:`_load`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: HostRows | None = None
+        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
+
+    def _bound(self, ctx: DetectorContext, rows: HostRows) -> None:
+        """End of ``bind``: the rows to record into, the device state, a state loaded before."""
+        self._rows = rows
+        self.state.bind(ctx.device)
+        if self._loaded is not None:
+            self._load(self._loaded)
+            self._loaded = None
+
+    def update(self, ev: StepEvidence) -> None:
+        self._rows.add(ev)  # type: ignore[union-attr]  # (bound before any step)
+
+    def readout(self) -> dict[str, Tensor]:
+        assert self._rows is not None
+        return self._rows.readout()
+
+    def _fold_pending(self) -> None:
+        """Check the steps not read back yet (one host read: checkpoints only)."""
+        assert self._rows is not None
+        pending = self._rows.take_pending()
+        if pending:
+            self._run(pending)
+
+    def _unbound_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` before ``bind``: what was loaded, as given."""
+        return {} if self._loaded is None else dict(self._loaded)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.state.bound:
+            self._load(state)
+        else:  # the number of layers is known at bind
+            self._loaded = {**(self._loaded or {}), **state}
+
+    @abstractmethod
+    def _run(self, rows: list[HostRow]) -> None:
+        """Check the rows read back, oldest first."""
+
+    @abstractmethod
+    def _load(self, state: dict[str, Any]) -> None:
+        """Restore a state (the detector is bound)."""
 
 
 class HostPersistence:

@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 
 from gradwatch._checks import check_int, check_positive, check_range
-from gradwatch.detectors._common import HostPersistence, HostRow, HostRows, fmt, host_list
+from gradwatch.detectors._common import HostChecked, HostPersistence, HostRow, HostRows, fmt, host_list
 from gradwatch.detectors.base import (
     TINY,
-    Detector,
     DetectorContext,
     Finding,
     Fired,
@@ -173,7 +172,23 @@ class _LayerFigures:
         return means[0] - means[1]
 
 
-class Vanishing(Detector):
+class _LayerChecked(HostChecked):
+    """Vanishing's and Exploding's host plumbing: the per-layer constants (:class:`_LayerFigures`) travel in the
+    first logging step's transfer (or are read at a checkpoint taken before it)."""
+
+    _layers: _LayerFigures
+
+    def readout(self) -> dict[str, Tensor]:
+        out = super().readout()
+        out.update(self._layers.consts())  # (none once known)
+        return out
+
+    def _fold_pending(self) -> None:
+        self._layers.read_consts()  # (no read once known)
+        super()._fold_pending()
+
+
+class Vanishing(_LayerChecked):
     """Gradients too small to train the early layers.
 
     Three checks, each of which must hold for ``persist`` consecutive steps:
@@ -220,8 +235,6 @@ class Vanishing(Detector):
         self._low_at = _f32(self.min_ratio)  # the ratio is a float32 figure, compared with a float32 bound
         self._host = _HostChecks(2)  # depth, dying
         self._zero = self._ratio = HostPersistence(0, self.persist)
-        self._rows: HostRows | None = None
-        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
@@ -239,12 +252,8 @@ class Vanishing(Detector):
         if self._relu:
             columns["act_active"] = lambda ev: None if ev.activations is None else ev.activations.active
             columns["act_seen"] = lambda ev: None if ev.activations is None else ev.activations.seen
-        self._rows = HostRows(columns, extra=self._blocked)
         self._explained = False  # a dying-ReLU finding was made: later depth/ratio findings are its symptom
-        self.state.bind(ctx.device)
-        if self._loaded is not None:
-            self._load(self._loaded)
-            self._loaded = None
+        self._bound(ctx, HostRows(columns, extra=self._blocked))
 
     def _blocked(self, rows: list[StepEvidence]) -> dict[str, Tensor]:
         """``[T, L]`` exact zeros that nothing in the model explains (no_gradient's): with tracked activations only."""
@@ -255,16 +264,6 @@ class Vanishing(Detector):
         present = stacked(rows, "present", lambda ev: ev.stats.present)
         blocked = blocked_zero(rows, grad_sq, present, self.ctx)
         return {} if blocked is None else {"blocked": blocked}
-
-    def update(self, ev: StepEvidence) -> None:
-        self._rows.add(ev)  # type: ignore[union-attr]  # (bound before any step)
-
-    def readout(self) -> dict[str, Tensor]:
-        assert self._rows is not None
-        out = self._rows.readout()
-        if self._layers.floor is None:  # the per-layer constants, read once
-            out.update(self._layers.consts())
-        return out
 
     def _run(self, rows: list[HostRow]) -> None:
         """Every check over the rows read back, oldest first, with the device's float32 figures per layer."""
@@ -311,12 +310,9 @@ class Vanishing(Detector):
     # -- checkpoints: every check's entries side by side, in ``layout`` order
     def state_dict(self) -> dict[str, Any]:
         if not self.state.bound:
-            return {} if self._loaded is None else dict(self._loaded)
-        assert self._rows is not None and self.ctx is not None
-        pending = self._rows.take_pending()  # steps not read back yet: one host read, folded now
-        if pending:
-            self._layers.read_consts()
-            self._run(pending)
+            return self._unbound_state()
+        assert self.ctx is not None
+        self._fold_pending()
         h, z, r = self._host, self._zero, self._ratio
         dev = self.ctx.device
 
@@ -326,12 +322,6 @@ class Vanishing(Detector):
             return torch.tensor(entries, dtype=torch.float32, device=dev)
 
         return {"checks": {k: side(k) for k in ("streak", "fired_step", "fired_value")}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.state.bound:
-            self._load(state)
-        else:  # the number of layers is known at bind
-            self._loaded = {**(self._loaded or {}), **state}
 
     def _load(self, state: dict[str, Any]) -> None:
         flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
@@ -574,7 +564,7 @@ class _ModelWide:
             self.last_held = bool(flat["last.held"].reshape(-1)[0])
 
 
-class Exploding(Detector):
+class Exploding(_LayerChecked):
     """Gradients large enough to destroy the weights they update.
 
     Checks (each must hold for ``persist`` consecutive steps):
@@ -639,33 +629,17 @@ class Exploding(Detector):
         self._high_at, self._far_at = _f32(self.max_ratio), _f32(self.max_ratio * _FAR)
         self._host = _ModelWide(self)
         self._ratio = HostPersistence(0, self.persist)
-        self._rows: HostRows | None = None
-        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
         self._host.reset()
         self._ratio = HostPersistence(len(ctx.layers), self.persist)
         self._layers = _LayerFigures(ctx)
-        self._rows = HostRows({
+        self._bound(ctx, HostRows({
             "grad_norm": lambda ev: ev.stats.grad_norm,
             "total_norm": lambda ev: ev.stats.total_norm,
             "param_norm": lambda ev: ev.stats.param_norm,
-        })
-        self.state.bind(ctx.device)
-        if self._loaded is not None:
-            self._load(self._loaded)
-            self._loaded = None
-
-    def update(self, ev: StepEvidence) -> None:
-        self._rows.add(ev)  # type: ignore[union-attr]  # (bound before any step)
-
-    def readout(self) -> dict[str, Tensor]:
-        assert self._rows is not None
-        out = self._rows.readout()
-        if self._layers.floor is None:  # the per-layer constants, read once
-            out.update(self._layers.consts())
-        return out
+        }))
 
     def _run(self, rows: list[HostRow]) -> None:
         """Every check over the rows read back, oldest first: per layer here, model-wide in :class:`_ModelWide`
@@ -690,12 +664,9 @@ class Exploding(Detector):
     # -- checkpoints: every check's entries side by side, in ``layout`` order
     def state_dict(self) -> dict[str, Any]:
         if not self.state.bound:
-            return {} if self._loaded is None else dict(self._loaded)
-        assert self._rows is not None and self.ctx is not None
-        pending = self._rows.take_pending()  # steps not read back yet: one host read, folded now
-        if pending:
-            self._layers.read_consts()
-            self._run(pending)
+            return self._unbound_state()
+        assert self.ctx is not None
+        self._fold_pending()
         h, r = self._host, self._ratio
         on = self.ctx.device
 
@@ -715,12 +686,6 @@ class Exploding(Detector):
                 "held": torch.tensor([h.last_held], device=on),
             },
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.state.bound:
-            self._load(state)
-        else:  # the number of layers is known at bind
-            self._loaded = {**(self._loaded or {}), **state}
 
     def _load(self, state: dict[str, Any]) -> None:
         flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}

@@ -6,15 +6,14 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from gradwatch.detectors._common import HostRow, HostRows
-from gradwatch.detectors.base import Detector, DetectorContext, Finding, Fired, StepEvidence, _flatten
+from gradwatch.detectors._common import HostChecked, HostRow, HostRows
+from gradwatch.detectors.base import DetectorContext, Finding, Fired, _flatten
 
 __all__ = ["NonFinite"]
 
 
-class NonFinite(Detector):
+class NonFinite(HostChecked):
     """NaN or Inf in any gradient; reports the layers, in backward order (where they appear first).
 
     Steps are recorded as they come (no device op) and their flags (whether the step was non-finite,
@@ -24,25 +23,11 @@ class NonFinite(Detector):
 
     def bind(self, ctx: DetectorContext) -> None:
         super().bind(ctx)
-        self._rows = HostRows(
-            {"any_nonfinite": lambda ev: ev.stats.any_nonfinite, "nonfinite": lambda ev: ev.stats.nonfinite}
-        )
         self.fired_step = -1.0  # the latched step (-1: none since the last read)
         self.fired_layers = [0.0] * len(ctx.layers)  # its layers (1: non-finite); kept after the read
-        self.state.bind(ctx.device)
-        if self._loaded is not None:
-            self._load(self._loaded)
-            self._loaded = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._loaded: dict[str, Any] | None = None  # a state loaded before bind, as given
-
-    def update(self, ev: StepEvidence) -> None:
-        self._rows.add(ev)
-
-    def readout(self) -> dict[str, Tensor]:
-        return self._rows.readout()
+        self._bound(ctx, HostRows(
+            {"any_nonfinite": lambda ev: ev.stats.any_nonfinite, "nonfinite": lambda ev: ev.stats.nonfinite}
+        ))
 
     def _run(self, rows: list[HostRow]) -> None:
         """Latch the first non-finite row (when the latch is free)."""
@@ -55,9 +40,9 @@ class NonFinite(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         if not self.state.bound:
-            return {} if self._loaded is None else dict(self._loaded)
+            return self._unbound_state()
         assert self.ctx is not None
-        self._run(self._rows.take_pending())  # steps not read back yet: one host read
+        self._fold_pending()
         dev = self.ctx.device
         return {
             "nonfinite": {
@@ -65,12 +50,6 @@ class NonFinite(Detector):
                 "fired_layers": torch.tensor(self.fired_layers, dtype=torch.float32, device=dev),
             }
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.state.bound:
-            self._load(state)
-        else:  # the number of layers is known at bind
-            self._loaded = {**(self._loaded or {}), **state}
 
     def _load(self, state: dict[str, Any]) -> None:
         flat = {k: torch.as_tensor(v).detach().cpu() for k, v in _flatten(state).items()}
